@@ -1,11 +1,14 @@
 """MonoFormer: one transformer that writes text autoregressively and paints images by diffusion."""
 
 from .configuration_monoformer import MonoFormerConfig
+from .data_collator_monoformer import MonoFormerDataCollator, add_training_noise
+from .image_processing_monoformer import MonoFormerImageProcessor
 from .modeling_monoformer import (
     MonoFormerForConditionalGeneration,
     MonoFormerModel,
     MonoFormerPreTrainedModel,
 )
+from .processing_monoformer import MonoFormerProcessor
 
 __version__ = "0.1.0"
 
@@ -14,4 +17,8 @@ __all__ = [
     "MonoFormerModel",
     "MonoFormerPreTrainedModel",
     "MonoFormerForConditionalGeneration",
+    "MonoFormerImageProcessor",
+    "MonoFormerProcessor",
+    "MonoFormerDataCollator",
+    "add_training_noise",
 ]
