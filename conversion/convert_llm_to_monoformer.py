@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "heads, and saves model + processor (or tokenizer) + a default scheduler config. The converted model's "
             "text output is checked to equal the LLM's before saving."
         ),
-        epilog=__doc__.split("Examples:", 1)[1],
+        epilog="Examples:" + __doc__.split("Examples:", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = parser.add_argument_group("input / output")
