@@ -19,14 +19,15 @@ image heads; this script reads the weights (`model.safetensors`, a sharded index
 * writes `monoformer_original.json` with the sampling recipe, including `guidance_channels` (3: the original
   classifier-free guidance only mixes the first 3 of the 4 epsilon channels; see `--guidance_channels`).
 
-Output: a `MonoFormerPipeline` folder when the package provides the pipeline; otherwise the diffusers layout
-`model/`, `scheduler/`, `tokenizer/` (+ `monoformer_original.json`).
+Output: a `MonoFormerPipeline` folder when the package's pipeline and processor accept the checkpoint as it is (the
+pipeline needs the VAE: `--vae`); otherwise the diffusers layout `model/`, `scheduler/`, `tokenizer/` (+ `vae/`), and
+always `monoformer_original.json`.
 
 Examples:
 
     # the released ImageNet 256 checkpoint, EMA weights (what the original README samples with)
     python conversion/convert_original_monoformer.py --checkpoint ./MonoFormer_ImageNet_256 --ema \
-        --out ./monoformer-imagenet256
+        --vae ./sd-vae-ft-mse --out ./monoformer-imagenet256
 
     # a training checkpoint (pytorch_model.bin + config.json) in bfloat16, guiding all 4 channels
     python conversion/convert_original_monoformer.py --checkpoint ./checkpoint-50000 --out ./mf \
@@ -129,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizer", default=None,
         help="Tokenizer folder, when the checkpoint folder has none. Default: --checkpoint.",
+    )
+    parser.add_argument(
+        "--vae", default=None,
+        help="Local folder of the release's VAE (a diffusers AutoencoderKL: stabilityai/sd-vae-ft-mse, scale 0.18215), "
+        "saved with the converted model; it is not downloaded. Without it the folder has no vae/.",
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="Weight dtype of the converted model (the release is float32).")
@@ -396,39 +402,60 @@ def sampling_recipe(args, config: MonoFormerConfig, mode: str, weights: str) -> 
     }
 
 
-def save(out: pathlib.Path, model, tokenizer, scheduler, recipe: dict) -> str:
-    """A `MonoFormerPipeline` folder when the pipeline class exists, else `model/`, `scheduler/`, `tokenizer/`."""
+def save(out: pathlib.Path, model, tokenizer, scheduler, recipe: dict, vae=None) -> str:
+    """A `MonoFormerPipeline` folder when the package's pipeline and processor accept this checkpoint, else the
+    diffusers layout `model/`, `scheduler/`, `tokenizer/` (+ `vae/` when given)."""
     out.mkdir(parents=True, exist_ok=True)
     layout = "subfolders"
     try:
-        from modeling_monoformer.pipeline_monoformer import MonoFormerPipeline  # noqa: F401
+        from modeling_monoformer.image_processing_monoformer import MonoFormerImageProcessor
+        from modeling_monoformer.pipeline_monoformer import MonoFormerPipeline
+        from modeling_monoformer.processing_monoformer import MonoFormerProcessor
     except ImportError:
         MonoFormerPipeline = None
     if MonoFormerPipeline is not None:
-        # The original boi/eoi are `<|im_start|>`/`<|im_end|>`; a processor that names its own special tokens would
-        # add new, untrained rows, so the pipeline is only written if it accepts the tokenizer as it is.
+        # The original boi/eoi are `<|im_start|>`/`<|im_end|>`; a processor that adds its own special tokens would
+        # give them new, untrained rows, so the pipeline is only written if it takes the tokenizer as it is.
         try:
-            from modeling_monoformer.image_processing_monoformer import MonoFormerImageProcessor
-            from modeling_monoformer.processing_monoformer import MonoFormerProcessor
-
             vocab_before = len(tokenizer)
             processor = MonoFormerProcessor(image_processor=MonoFormerImageProcessor(), tokenizer=tokenizer)
             if len(tokenizer) != vocab_before:
-                raise ValueError("the processor added tokens the original checkpoint does not have")
+                raise ValueError("the processor adds special tokens the original checkpoint does not have")
             processor.configure_for_model(model.config)
-            MonoFormerPipeline(model=model, vae=None, scheduler=scheduler, processor=processor).save_pretrained(out)
+            MonoFormerPipeline(model=model, vae=vae, scheduler=scheduler, processor=processor).save_pretrained(out)
             layout = "pipeline"
-        except Exception as err:
+        except Exception as err:  # the pipeline/processor APIs are young: fall back rather than lose the conversion
             logger.warning("Not writing a MonoFormerPipeline folder (%s); writing model/, scheduler/, tokenizer/.", err)
-            tokenizer = load_tokenizer(pathlib.Path(recipe["tokenizer_source"]))
+            tokenizer = load_tokenizer(pathlib.Path(recipe["tokenizer_source"]))  # undo any tokens it added
     if layout == "subfolders":
         model.save_pretrained(out / "model")
         scheduler.save_pretrained(out / "scheduler")
         tokenizer.save_pretrained(out / "tokenizer")
+        if vae is not None:
+            vae.save_pretrained(out / "vae")
     recipe = {k: v for k, v in recipe.items() if k != "tokenizer_source"}
     recipe["layout"] = layout
     (out / "monoformer_original.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return layout
+
+
+def load_vae(path: str | None):
+    """A local `AutoencoderKL` folder (e.g. a download of stabilityai/sd-vae-ft-mse), checked against the release."""
+    if path is None:
+        return None
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if factor != 8 or vae.config.latent_channels != 4:
+        raise ConversionError(
+            f"`--vae {path}` has scale factor {factor} and {vae.config.latent_channels} latent channels; the original "
+            "release needs 8 and 4 (stabilityai/sd-vae-ft-mse)."
+        )
+    if abs(vae.config.scaling_factor - ORIGINAL_VAE_SCALING) > 1e-6:
+        logger.warning("The VAE's scaling_factor is %s; the original samples with %s.",
+                       vae.config.scaling_factor, ORIGINAL_VAE_SCALING)
+    return vae
 
 
 def convert(args: argparse.Namespace) -> dict:
@@ -460,7 +487,7 @@ def convert(args: argparse.Namespace) -> dict:
 
     recipe = sampling_recipe(args, config, mode, "ema" if args.ema else "model")
     recipe["tokenizer_source"] = str(tokenizer_dir)
-    layout = save(pathlib.Path(args.out), model, tokenizer, original_scheduler(), recipe)
+    layout = save(pathlib.Path(args.out), model, tokenizer, original_scheduler(), recipe, load_vae(args.vae))
     end = time.perf_counter()
     logger.info("Wrote %s (%s layout) in %.1f s (read %.1f s, convert %.1f s)", args.out, layout,
                 end - start, t_read - start, t_converted - t_read)

@@ -84,7 +84,7 @@ def assert_text_unchanged(src: pathlib.Path, out: pathlib.Path, llm_cls):
     llm = llm_cls.from_pretrained(src).eval()
     src_tok = AutoTokenizer.from_pretrained(src)
     model = MonoFormerForConditionalGeneration.from_pretrained(out).eval()
-    out_tok = AutoTokenizer.from_pretrained(out)
+    out_tok = PreTrainedTokenizerFast.from_pretrained(out)  # AutoTokenizer would ask about the auto_map code
     rows = llm.get_input_embeddings().weight.shape[0]
     for prompt in PROMPTS:
         ids = src_tok(prompt, return_tensors="pt").input_ids
@@ -188,7 +188,7 @@ def test_smollm2_gguf_conversion_keeps_greedy_continuation(tmp_path):
     before = greedy(llm, tok_src, prompt, n=8)
     del llm
     model = MonoFormerForConditionalGeneration.from_pretrained(out).eval()
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
     after = greedy(model, tok, prompt, n=8)
     print(f"SmolLM2 conversion {seconds:.1f} s; before {tok_src.decode(before)!r}; after {tok.decode(after)!r}")
     assert after == before

@@ -384,6 +384,24 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         convert_original.parse_args(["--help"])
     text = capsys.readouterr().out
-    for option in ("--checkpoint", "--out", "--ema", "--tokenizer", "--dtype", "--guidance_channels",
+    for option in ("--checkpoint", "--out", "--ema", "--tokenizer", "--vae", "--dtype", "--guidance_channels",
                    "--guidance_scale", "--num_inference_steps", "Examples"):
         assert option in text
+
+
+def test_local_vae_is_carried_and_checked(tmp_path):
+    from diffusers import AutoencoderKL
+
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=1, norm_num_groups=8, scaling_factor=0.18215)
+    AutoencoderKL(block_out_channels=(8,) * 4, latent_channels=4, **blocks).save_pretrained(tmp_path / "vae")
+    AutoencoderKL(block_out_channels=(8,) * 3, latent_channels=4, **{**blocks, "down_block_types": (
+        "DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3}).save_pretrained(tmp_path / "vae4")
+    folder = write_checkpoint(tmp_path / "ckpt", "adaln_before_decoder")
+    out = tmp_path / "out"
+    report = convert_original.main(["--checkpoint", str(folder), "--out", str(out), "--vae", str(tmp_path / "vae")])
+    vae_dir = out / "vae"
+    assert vae_dir.is_dir() and AutoencoderKL.from_pretrained(vae_dir).config.latent_channels == 4
+    assert report["layout"] in ("subfolders", "pipeline")
+    with pytest.raises(convert_original.ConversionError, match="scale factor 4"):
+        convert_original.main(["--checkpoint", str(folder), "--out", str(out), "--vae", str(tmp_path / "vae4")])
