@@ -395,9 +395,9 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             block_ids[patch_flat] = image_ids[is_patch]
             block_ids = F.pad(block_ids.reshape(batch_size, seq_len), (past_len, 0), value=-1)  # absolute kv index
 
-            if attention_mask is None:
-                attention_mask = torch.ones(batch_size, past_len + seq_len, dtype=torch.long, device=flat.device)
-            if attention_mask.ndim == 2:
+            # A 4D mask / BlockMask given by the caller is used as is. Without any mask, explicit position ids that
+            # restart (several samples packed in one row) make `create_causal_mask` cut attention between samples.
+            if attention_mask is None or attention_mask.ndim == 2:
                 mask = create_causal_mask(
                     config=self.language_model.config,
                     inputs_embeds=inputs_embeds,
