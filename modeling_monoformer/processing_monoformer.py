@@ -41,14 +41,19 @@ class MonoFormerProcessor(ProcessorMixin):
         patch_size: int = 2,
         vae_scale_factor: int = 8,
         timestep_token: bool = False,
+        boi_token: str = BOI_TOKEN,
+        eoi_token: str = EOI_TOKEN,
+        image_token: str = IMAGE_TOKEN,
         chat_template=None,
         **kwargs,
     ):
         self.patch_size = patch_size
         self.vae_scale_factor = vae_scale_factor
         self.timestep_token = timestep_token
+        # Checkpoints converted from the original release use "<|im_start|>" / "<|im_end|>" for <boi> / <eoi>.
+        self.boi_token, self.eoi_token, self.image_token = boi_token, eoi_token, image_token
         if tokenizer is not None:
-            missing = [t for t in (BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN) if t not in tokenizer.get_vocab()]
+            missing = [t for t in (boi_token, eoi_token, image_token) if t not in tokenizer.get_vocab()]
             if missing:
                 tokenizer.add_tokens(missing, special_tokens=True)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -56,15 +61,15 @@ class MonoFormerProcessor(ProcessorMixin):
     # ---------------------------------------------------------------- configuration
     @property
     def image_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
     @property
     def boi_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(BOI_TOKEN)
+        return self.tokenizer.convert_tokens_to_ids(self.boi_token)
 
     @property
     def eoi_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(EOI_TOKEN)
+        return self.tokenizer.convert_tokens_to_ids(self.eoi_token)
 
     def configure_for_model(self, config) -> "MonoFormerProcessor":
         """Take `patch_size`, `vae_scale_factor` and the timestep-token layout from a `MonoFormerConfig`, and check the
@@ -93,8 +98,9 @@ class MonoFormerProcessor(ProcessorMixin):
 
     def expand_image_tokens(self, text: str, sizes: list[tuple[int, int]]) -> str:
         """Replace the k-th `<image>` (optionally already wrapped in `<boi>`/`<eoi>`) by the k-th image's block."""
-        text = text.replace(BOI_TOKEN + IMAGE_TOKEN + EOI_TOKEN, IMAGE_TOKEN)
-        parts = text.split(IMAGE_TOKEN)
+        boi, eoi, image = self.boi_token, self.eoi_token, self.image_token
+        text = text.replace(boi + image + eoi, image)
+        parts = text.split(image)
         if len(parts) - 1 != len(sizes):
             raise ValueError(
                 f"`text` {text[:60]!r} has {len(parts) - 1} `<image>` marker(s) but {len(sizes)} image(s) were given "
@@ -102,7 +108,7 @@ class MonoFormerProcessor(ProcessorMixin):
             )
         out = [parts[0]]
         for (h, w), rest in zip(sizes, parts[1:]):
-            out.append(BOI_TOKEN + IMAGE_TOKEN * self.num_image_tokens(h, w) + EOI_TOKEN + rest)
+            out.append(boi + image * self.num_image_tokens(h, w) + eoi + rest)
         return "".join(out)
 
     # ---------------------------------------------------------------- call
@@ -143,7 +149,7 @@ class MonoFormerProcessor(ProcessorMixin):
                 flat = [img for per_text in flat for img in per_text]
             pixel_values = [self.image_processor(img, return_tensors="pt", **kwargs)["pixel_values"][0] for img in flat]
             sizes_flat = [tuple(p.shape[-2:]) for p in pixel_values]
-            counts = [t.count(IMAGE_TOKEN) for t in texts]
+            counts = [t.count(self.image_token) for t in texts]
             if sum(counts) != len(sizes_flat):
                 raise ValueError(
                     f"`text` holds {sum(counts)} `<image>` marker(s) but {len(sizes_flat)} image(s) were given."
@@ -200,9 +206,8 @@ class MonoFormerProcessor(ProcessorMixin):
         # This code already runs from the same folder, so its tokenizer files are trusted alike.
         tokenizer_kwargs["trust_remote_code"] = kwargs.get("trust_remote_code", True)
         tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
-        init_kwargs = {
-            k: processor_dict[k] for k in ("patch_size", "vae_scale_factor", "timestep_token") if k in processor_dict
-        }
+        names = ("patch_size", "vae_scale_factor", "timestep_token", "boi_token", "eoi_token", "image_token")
+        init_kwargs = {k: processor_dict[k] for k in names if k in processor_dict}
         return cls(image_processor=image_processor, tokenizer=tokenizer, **init_kwargs)
 
 
