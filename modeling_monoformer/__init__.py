@@ -8,6 +8,7 @@ from .modeling_monoformer import (
     MonoFormerModel,
     MonoFormerPreTrainedModel,
 )
+from .pipeline_monoformer import MonoFormerPipeline
 from .processing_monoformer import MonoFormerProcessor
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "MonoFormerForConditionalGeneration",
     "MonoFormerImageProcessor",
     "MonoFormerProcessor",
+    "MonoFormerPipeline",
     "MonoFormerDataCollator",
     "add_training_noise",
 ]

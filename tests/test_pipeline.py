@@ -1,0 +1,410 @@
+"""MonoFormerPipeline: prefix KV cache = full recompute, seeds, shapes, schedulers, input errors, portable saves."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from PIL import Image
+
+from modeling_monoformer import (
+    MonoFormerForConditionalGeneration,
+    MonoFormerImageProcessor,
+    MonoFormerPipeline,
+    MonoFormerProcessor,
+)
+from tests.conftest import make_tokenizer, tiny_llama
+
+PROMPTS = ["a photo of a sneaker", "a dress"]
+EPS_SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
+
+
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """hf-api-5x.md §4: two blocks, so 16x16 images <-> 8x8 latents."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=32, sample_size=32,
+    ).eval()
+
+
+def make_pipe(scheduler=None, pixel_space: bool = False, num_channels: int = 3, **config) -> MonoFormerPipeline:
+    """A tiny pipeline: 16x16 RGB images through the tiny VAE (8x8x4 latents, 16 patch tokens), or 8x8 pixel space."""
+    tok = make_tokenizer()
+    if pixel_space:
+        defaults = dict(latent_channels=num_channels, patch_size=2, vae_scale_factor=1, sample_size=8)
+    else:
+        defaults = dict(latent_channels=4, patch_size=2, vae_scale_factor=2, sample_size=8)
+    defaults.update(config)
+    model = MonoFormerForConditionalGeneration.from_llm(tiny_llama(), tokenizer=tok, **defaults).eval()
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=num_channels), tok)
+    pipe = MonoFormerPipeline(
+        model=model,
+        vae=None if pixel_space else tiny_vae(),
+        scheduler=scheduler or DDPMScheduler(),
+        processor=processor,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+def generate(pipe, prompt=PROMPTS, seed=0, steps=2, **kwargs):
+    return pipe(prompt, num_inference_steps=steps, generator=torch.manual_seed(seed), **kwargs).images
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prefix KV cache
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("timestep_conditioning", ["adaln", "token", "add"])
+def test_prefix_cached_sampling_equals_full_recompute(timestep_conditioning):
+    pipe = make_pipe(timestep_conditioning=timestep_conditioning)
+    # Prompts of different lengths + CFG: a left-padded batch of 4 rows with a negative prompt.
+    kwargs = dict(prompt=["a photo of a sneaker", "a coat"], negative_prompt="a bag", steps=3, output_type="latent")
+    cached = generate(pipe, use_prefix_cache=True, **kwargs)
+    naive = generate(pipe, use_prefix_cache=False, **kwargs)
+    assert cached.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(cached, naive, rtol=0, atol=1e-5)
+
+
+def test_prefix_cache_runs_prompt_once_and_image_block_per_step(pipe):
+    lengths = []
+    hook = pipe.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        generate(pipe, steps=3, output_type="latent")
+    finally:
+        hook.remove()
+    n_image = pipe.processor.num_image_tokens(16, 16)
+    assert lengths[1:] == [n_image] * 3  # one prefix pass, then only the image block
+    assert lengths[0] > 1
+
+
+def test_batched_row_equals_the_prompt_run_alone(pipe, monkeypatch):
+    """Left padding in a batch does not change a row: same positions, padding masked (DDIM: no sampling noise)."""
+    monkeypatch.setattr(pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config))
+    batched = pipe(PROMPTS, num_inference_steps=2, latents=torch.ones(2, 4, 8, 8), output_type="latent").images
+    alone = pipe(PROMPTS[1], num_inference_steps=2, latents=torch.ones(1, 4, 8, 8), output_type="latent").images
+    torch.testing.assert_close(batched[1:], alone, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeds, shapes, output types
+# ----------------------------------------------------------------------------------------------------------------------
+def test_same_seed_same_image_different_seed_different(pipe):
+    a = generate(pipe, seed=0, output_type="np")
+    b = generate(pipe, seed=0, output_type="np")
+    c = generate(pipe, seed=1, output_type="np")
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_num_images_per_prompt_and_batched_prompts_give_right_shapes(pipe):
+    out = pipe(PROMPTS, num_inference_steps=2, num_images_per_prompt=3, output_type="np")
+    assert isinstance(out, ImagePipelineOutput)
+    assert out.images.shape == (6, 16, 16, 3)
+    assert 0.0 <= out.images.min() and out.images.max() <= 1.0
+    images = pipe("a coat", height=32, width=16, num_inference_steps=2, num_images_per_prompt=2).images
+    assert len(images) == 2 and all(isinstance(im, Image.Image) and im.size == (16, 32) for im in images)
+    pt = pipe("a coat", num_inference_steps=1, output_type="pt", return_dict=False)[0]
+    assert pt.shape == (1, 3, 16, 16)
+    latent = pipe("a coat", num_inference_steps=1, output_type="latent").images
+    assert latent.shape == (1, 4, 8, 8)
+    # per-image generators: image k only depends on generator k
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    pair = pipe("a coat", num_inference_steps=2, num_images_per_prompt=2, generator=gens, output_type="latent").images
+    single = pipe("a coat", num_inference_steps=2, generator=torch.Generator().manual_seed(6), output_type="latent")
+    torch.testing.assert_close(pair[1:], single.images, rtol=0, atol=1e-5)
+
+
+def test_callback_on_step_end_sees_and_replaces_latents(pipe):
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        seen.append((i, kwargs["latents"].shape))
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    out = pipe("a coat", num_inference_steps=3, callback_on_step_end=callback, output_type="latent").images
+    assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == (1, 4, 8, 8)
+    assert pipe.num_timesteps == 3
+    assert torch.count_nonzero(out) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedulers
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheduler_cls", EPS_SCHEDULERS)
+def test_every_epsilon_scheduler_runs_end_to_end_with_vae(pipe, scheduler_cls):
+    pipe.scheduler = scheduler_cls.from_config(DDPMScheduler().config)
+    try:
+        images = generate(pipe, steps=3, output_type="np")
+    finally:
+        pipe.scheduler = DDPMScheduler()
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    assert images.std() > 0.0
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, EulerDiscreteScheduler])
+def test_v_prediction_model_runs_with_v_schedulers(scheduler_cls):
+    pipe = make_pipe(scheduler_cls.from_config(DDPMScheduler().config, prediction_type="v_prediction"),
+                     prediction_type="v_prediction")
+    assert np.isfinite(generate(pipe, output_type="np")).all()
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        FlowMatchEulerDiscreteScheduler(),
+        DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
+    ],
+    ids=["flowmatch_euler", "dpm_flow_sigmas"],
+)
+def test_flow_model_runs_pixel_space_without_vae(scheduler):
+    pipe = make_pipe(scheduler, pixel_space=True, prediction_type="flow")
+    images = generate(pipe, output_type="np")
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+
+
+def test_flow_model_receives_sigma_times_1000(monkeypatch):
+    pipe = make_pipe(FlowMatchEulerDiscreteScheduler(), pixel_space=True, prediction_type="flow")
+    seen = []
+    forward = pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, **kw: seen.append(kw.get("timesteps")) or forward(*a, **kw))
+    generate(pipe, prompt="a coat", steps=4, guidance_scale=1.0, output_type="latent")
+    got = [float(t[0]) for t in seen if t is not None]
+    np.testing.assert_allclose(got, (pipe.scheduler.sigmas[:-1] * 1000).tolist(), rtol=1e-6)
+
+
+def test_grayscale_pixel_space_gives_mode_L_pil_images():
+    pipe = make_pipe(pixel_space=True, num_channels=1, latent_channels=1)
+    images = generate(pipe, prompt="a coat", num_images_per_prompt=2)
+    assert [(im.mode, im.size) for im in images] == [("L", (8, 8))] * 2
+    assert generate(pipe, prompt="a coat", output_type="np").shape == (1, 8, 8, 1)
+
+
+def test_learned_sigma_variance_reaches_learned_range_scheduler_only(monkeypatch):
+    pipe = make_pipe(DDPMScheduler(variance_type="learned_range"), learn_sigma=True)
+    received = []
+
+    def spy_on_step(scheduler):
+        step = scheduler.step
+        def spy(model_output, *args, **kwargs):
+            received.append(model_output.shape[1])
+            return step(model_output, *args, **kwargs)
+
+        monkeypatch.setattr(scheduler, "step", spy)
+
+    spy_on_step(pipe.scheduler)
+    assert np.isfinite(generate(pipe, output_type="np")).all()
+    pipe.scheduler = DDIMScheduler.from_config(DDPMScheduler().config)
+    spy_on_step(pipe.scheduler)
+    generate(pipe, output_type="np")
+    assert received == [8, 8, 4, 4]  # 2 steps each: prediction + variance, then prediction only
+
+
+def _oracle(x0, scheduler_config, prediction_type):
+    """A 'model' that knows the clean latents: returns the exact target for whatever noisy input it gets."""
+    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()
+
+    def predict(context, model_input, t):
+        x = model_input.double()
+        if prediction_type == "flow":
+            sigma = float(t) / 1000
+            return ((x - x0) / sigma).float()
+        a = alphas_cumprod[int(round(float(t)))]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        out = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        return out.float()
+
+    return predict
+
+
+ORACLE_CASES = [(s, "epsilon") for s in EPS_SCHEDULERS] + [(s, "v_prediction") for s in EPS_SCHEDULERS] + [
+    (FlowMatchEulerDiscreteScheduler, "flow"),
+    (DPMSolverMultistepScheduler, "flow"),
+]
+
+
+@pytest.mark.parametrize("scheduler_cls, prediction_type", ORACLE_CASES)
+def test_scheduler_conventions_land_on_x0_with_an_oracle_model(pipe, monkeypatch, scheduler_cls, prediction_type):
+    """init_noise_sigma, scale_model_input (Euler), timestep scales (flow: sigma*1000) and guidance are wired so an
+    exact predictor reaches the clean latents with every scheduler."""
+    x0 = torch.linspace(-0.9, 0.9, 2 * 4 * 8 * 8, dtype=torch.float64).reshape(2, 4, 8, 8)
+    if scheduler_cls is FlowMatchEulerDiscreteScheduler:
+        scheduler = scheduler_cls()
+    elif prediction_type == "flow":
+        scheduler = scheduler_cls(use_flow_sigmas=True, prediction_type="flow_prediction")
+    else:
+        scheduler = scheduler_cls.from_config(
+            DDPMScheduler().config, prediction_type=prediction_type, timestep_spacing="trailing"
+        )
+    monkeypatch.setattr(pipe, "scheduler", scheduler)
+    monkeypatch.setattr(pipe.model.config, "prediction_type", prediction_type)
+    monkeypatch.setattr(pipe, "predict", _oracle(torch.cat([x0, x0]), scheduler.config, prediction_type))
+    out = generate(pipe, steps=4, output_type="latent")
+    # DPM-Solver's flow timesteps are int(sigma * 1000): an oracle reading sigma back from t is off by < 1e-3.
+    atol = 5e-3 if scheduler_cls is DPMSolverMultistepScheduler and prediction_type == "flow" else 1e-3
+    torch.testing.assert_close(out.double(), x0, rtol=0, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad arguments: ValueError naming the argument, before any compute
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, scheduler, match",
+    [
+        (dict(guidance_scale=-1.0), None, "guidance_scale"),
+        (dict(num_inference_steps=0), None, "num_inference_steps"),
+        (dict(height=15), None, "height"),
+        (dict(width=18), None, "width"),
+        (dict(negative_prompt=["a bag"]), None, "negative_prompt"),
+        (dict(num_images_per_prompt=0), None, "num_images_per_prompt"),
+        (dict(output_type="jpeg"), None, "output_type"),
+        (dict(latents=torch.randn(1, 4, 8, 8)), None, "latents"),
+        (dict(prompt="a <image> here"), None, "prompt"),
+        (dict(generator=[torch.manual_seed(0)]), None, "generator"),
+        ({}, FlowMatchEulerDiscreteScheduler(), "scheduler"),
+        ({}, DDPMScheduler(prediction_type="v_prediction"), "prediction_type"),
+        ({}, DPMSolverMultistepScheduler(use_flow_sigmas=True), "scheduler"),
+        ({}, DDPMScheduler(variance_type="learned_range"), "variance_type"),
+    ],
+)
+def test_bad_arguments_raise_before_any_compute(pipe, monkeypatch, kwargs, scheduler, match):
+    if scheduler is not None:
+        monkeypatch.setattr(pipe, "scheduler", scheduler)
+    calls = []
+    hook = pipe.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    call = dict(prompt=PROMPTS, num_inference_steps=2)
+    call.update(kwargs)
+    try:
+        with pytest.raises(ValueError, match=match):
+            pipe(**call)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_non_flow_scheduler_with_flow_model_is_refused():
+    pipe = make_pipe(DDPMScheduler(), pixel_space=True, prediction_type="flow")
+    with pytest.raises(ValueError, match="flow"):
+        pipe("a coat", num_inference_steps=2)
+
+
+def test_vae_none_requires_pixel_space_model():
+    pipe = make_pipe()
+    with pytest.raises(ValueError, match="vae_scale_factor"):
+        MonoFormerPipeline(model=pipe.model, vae=None, scheduler=DDPMScheduler(), processor=pipe.processor)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Self-contained save / push_to_hub, loaded in a fresh process without this package
+# ----------------------------------------------------------------------------------------------------------------------
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["modeling_monoformer"] = None  # the package must not be importable
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+
+    folders, prompts, out = json.loads(sys.argv[1])
+    report = {}
+    for name, folder in folders.items():
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(prompts, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+        np.save(f"{out}/{name}.npy", images)
+        report[name] = [type(pipe).__module__, type(pipe.model).__module__, type(pipe.processor).__module__,
+                        type(pipe.scheduler).__name__]
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def loaded_elsewhere(tmp_path_factory):
+    """Save, push (upload patched to a local copy) and save-with-push one pipeline; load all three in one subprocess."""
+    from huggingface_hub import ModelCard
+    from diffusers.utils import hub_utils
+
+    pipe = make_pipe(DPMSolverMultistepScheduler.from_config(DDPMScheduler().config))
+    root = tmp_path_factory.mktemp("pipeline_io")
+    hub = root / "hub"
+    uploads = []
+
+    def upload_folder(repo_id, folder_path, path_in_repo=None, **kwargs):
+        uploads.append(repo_id)
+        target = hub / repo_id / (path_in_repo or "")
+        __import__("shutil").copytree(folder_path, target, dirs_exist_ok=True)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub_utils, "create_repo", lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id))
+        mp.setattr(hub_utils, "upload_folder", upload_folder)
+        mp.setattr(hub_utils, "load_or_create_model_card", lambda *a, **kw: ModelCard("---\n---\n# MonoFormer\n"))
+        pipe.push_to_hub("user/monoformer-tiny")
+        pipe.save_pretrained(root / "saved_and_pushed", push_to_hub=True, repo_id="user/monoformer-tiny-2")
+    pipe.save_pretrained(root / "saved")
+
+    expected = generate(pipe, output_type="np")
+    folders = {
+        "saved": str(root / "saved"),
+        "pushed": str(hub / "user/monoformer-tiny"),
+        "save_pushed": str(hub / "user/monoformer-tiny-2"),
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, json.dumps([folders, PROMPTS, str(root)])],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    images = {name: np.load(root / f"{name}.npy") for name in folders}
+    return dict(root=root, hub=hub, uploads=uploads, expected=expected, report=report, images=images)
+
+
+def test_saved_folder_is_self_contained(loaded_elsewhere):
+    saved = loaded_elsewhere["root"] / "saved"
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_monoformer", "MonoFormerPipeline"]
+    assert index["model"] == ["modeling_monoformer", "MonoFormerForConditionalGeneration"]
+    assert index["processor"] == ["processing_monoformer", "MonoFormerProcessor"]
+    assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
+    for path in ["pipeline_monoformer.py", "model/modeling_monoformer.py", "model/configuration_monoformer.py",
+                 "model/model.safetensors", "processor/processing_monoformer.py",
+                 "processor/image_processing_monoformer.py", "vae/config.json", "scheduler/scheduler_config.json"]:
+        assert (saved / path).is_file(), path
+
+
+def test_fresh_process_remote_code_load_gives_the_same_image(loaded_elsewhere):
+    modules = loaded_elsewhere["report"]["saved"]
+    assert all(m.startswith("diffusers_modules") for m in modules[:3]), modules
+    assert modules[3] == "DPMSolverMultistepScheduler"
+    np.testing.assert_allclose(loaded_elsewhere["images"]["saved"], loaded_elsewhere["expected"], rtol=0, atol=1e-5)
+
+
+def test_push_to_hub_uploads_the_self_contained_folder(loaded_elsewhere):
+    assert loaded_elsewhere["uploads"] == ["user/monoformer-tiny", "user/monoformer-tiny-2"]
+    for name in ("pushed", "save_pushed"):
+        assert all(m.startswith("diffusers_modules") for m in loaded_elsewhere["report"][name][:3])
+        np.testing.assert_allclose(loaded_elsewhere["images"][name], loaded_elsewhere["expected"], rtol=0, atol=1e-5)
+    assert (loaded_elsewhere["hub"] / "user/monoformer-tiny/README.md").is_file()
