@@ -79,6 +79,10 @@ class MonoFormerDataCollator:
     - `"caption"`: `<boi> <image>... <eoi> text <eos>`; the image is clean (`t = 0`), the LM learns the caption;
     - `"text"` (default without an image): `text <eos>`, LM loss only.
 
+    A sample may carry an integer `"seed"`: its prompt dropout, noise and timestep are then drawn from a generator
+    seeded with it (not from the collator's own), so a batch's inputs do not depend on how samples are grouped into
+    batches or processes, or on where a resumed run restarts ([`MonoFormerTrainingDataset`] sets it).
+
     Args:
         processor ([`MonoFormerProcessor`]): configured for the model (`configure_for_model`).
         scheduler: A diffusers scheduler with the training schedule (DDPM-family, or FlowMatchEuler for `flow`).
@@ -116,7 +120,7 @@ class MonoFormerDataCollator:
         tok = self.processor.tokenizer
         eos = tok.eos_token or ""
         f = self.processor.vae_scale_factor
-        texts, sizes, images, noised = [], [], [], []
+        texts, sizes, images, noised, generators = [], [], [], [], []
         for i, sample in enumerate(samples):
             if "text" not in sample:
                 raise ValueError(f"Sample {i} has no `text` field (keys: {sorted(sample)}).")
@@ -127,8 +131,12 @@ class MonoFormerDataCollator:
             if task != "text" and image is None:
                 raise ValueError(f"Sample {i} has task {task!r} but no `latents` / `pixel_values`.")
             text = str(sample["text"])
+            generator = None
+            if sample.get("seed") is not None:
+                generator = torch.Generator().manual_seed(int(sample["seed"]))
             if task == "generate":
-                if self.rng.random() < self.cfg_dropout:
+                draw = self.rng.random() if generator is None else torch.rand((), generator=generator).item()
+                if draw < self.cfg_dropout:
                     text = ""
                 texts.append(text + IMAGE_TOKEN)
             elif task == "caption":
@@ -141,6 +149,7 @@ class MonoFormerDataCollator:
                 sizes.append([(image.shape[-2] * f, image.shape[-1] * f)])
                 images.append(image)
                 noised.append(task == "generate")
+                generators.append(generator)
 
         batch = self.processor(text=texts, image_sizes=sizes, padding=True, padding_side="right")
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -161,7 +170,13 @@ class MonoFormerDataCollator:
         targets: list[torch.Tensor | None] = [None] * len(images)
         latents = list(images)
         gen_idx = [i for i, is_noised in enumerate(noised) if is_noised]
-        if gen_idx:
+        if gen_idx and any(generators[i] is not None for i in gen_idx):
+            for i in gen_idx:  # per-sample generators: one image at a time
+                x_t, t, target = add_training_noise(
+                    self.scheduler, images[i].unsqueeze(0), self.prediction_type, generators[i] or self.generator
+                )
+                latents[i], timesteps[i], targets[i] = x_t[0], t[0], target[0]
+        elif gen_idx:
             groups: dict[tuple, list[int]] = {}
             for i in gen_idx:
                 groups.setdefault(tuple(images[i].shape), []).append(i)

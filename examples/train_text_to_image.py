@@ -1,0 +1,683 @@
+#!/usr/bin/env python
+"""Fine-tune a MonoFormer on your own images and captions (full fine-tune or LoRA), with `accelerate`.
+
+Data: a `datasets` imagefolder (`metadata.jsonl` with `file_name` + caption) or a JSONL of `{"text", "image"}`;
+optionally a plain text file mixed in at `--text_ratio` to keep the LLM's language ability. Images are checked and
+encoded with the VAE once (pixel-space models skip it) and the latents cached under `--cache_dir`.
+
+Training: `MonoFormerDataCollator` draws noise, timesteps and targets from the checkpoint's diffusers scheduler and
+drops prompts for classifier-free guidance; the model's own loss (`lm_loss_weight * lm + diffusion_loss_weight *
+diffusion`) is minimised. Full fine-tune, or LoRA (`--lora_rank`, PEFT `get_peft_model`) on the LLM's projections with
+the image heads trained fully (`modules_to_save`) and the `<boi>`/`<eoi>` rows of the embeddings trainable
+(`trainable_token_indices`). Mixed precision, gradient accumulation, activation checkpointing, EMA,
+`--checkpointing_steps` / `--resume_from_checkpoint`, samples and a loss curve every `--validation_steps`.
+
+Output (`--output_dir`): `checkpoint-<step>/` (accelerate state: model or adapter, optimizer, LR scheduler, RNG,
+sampler, loss history), `samples/step-<step>.png`, `loss_curve.png`, `loss_history.json`, and at the end `pipeline/`
+(a self-contained `MonoFormerPipeline` folder, LoRA merged, with a model card) plus `adapter/` for LoRA runs.
+
+    # one process
+    python examples/train_text_to_image.py --pretrained_model_name_or_path ./monoformer-base \\
+        --train_data_dir ./my_images --resolution 32 --max_train_steps 200 --output_dir ./out
+    # LoRA, two processes (on a CPU-only machine this uses gloo), push the result to the Hub
+    accelerate launch --multi_gpu --num_processes 2 examples/train_text_to_image.py \\
+        --pretrained_model_name_or_path ./monoformer-base --train_data_file data.jsonl --lora_rank 8 \\
+        --output_dir ./out --push_to_hub --hub_model_id me/monoformer-lora
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import shutil
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+try:
+    import modeling_monoformer  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from modeling_monoformer import (  # noqa: E402
+    MonoFormerDataCollator,
+    MonoFormerForConditionalGeneration,
+    MonoFormerImageProcessor,
+    MonoFormerProcessor,
+)
+from modeling_monoformer.training_data_monoformer import (  # noqa: E402
+    MonoFormerTrainingDataset,
+    encode_images,
+    load_image_caption_records,
+    load_text_samples,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="A MonoFormer checkpoint folder (model + processor [+ scheduler/], e.g. from "
+                        "conversion/convert_llm_to_monoformer.py) or a saved MonoFormerPipeline folder.")
+    g.add_argument("--vae", default=None, help="AutoencoderKL folder, for latent models whose folder has no vae/.")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--train_data_dir", default=None, help="A datasets imagefolder with a metadata.jsonl of captions.")
+    g.add_argument("--train_data_file", default=None, help='A JSONL of {"text": ..., "image": path} (paths relative '
+                                                            "to the file).")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Resize every image to this square size (a multiple of patch_size * vae_scale_factor); "
+                        "default: keep each image's size.")
+    g.add_argument("--text_data_file", default=None, help="Text-only samples: a .txt (one per line) or a JSONL.")
+    g.add_argument("--text_column", default="text")
+    g.add_argument("--text_ratio", type=float, default=0.0, help="Fraction of samples that are text-only.")
+    g.add_argument("--caption_ratio", type=float, default=0.0,
+                   help="Fraction of image samples trained image -> caption (understanding) instead of text -> image.")
+    g.add_argument("--cfg_dropout", type=float, default=0.1, help="Prompt dropout for classifier-free guidance.")
+    g.add_argument("--cache_dir", default=None, help="Where cached latents go (default: <output_dir>/latent_cache).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=8, help="Per process.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--lr_scheduler", default="constant",
+                   help='"constant", "constant_with_warmup", "linear", "cosine", ... (diffusers get_scheduler).')
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="Default: accelerate's config / `accelerate launch --mixed_precision`.")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Activation checkpointing of the LLM layers.")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights; it is what is saved.")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is present.")
+
+    g = parser.add_argument_group("LoRA (PEFT)")
+    g.add_argument("--lora_rank", type=int, default=0, help="0: full fine-tune; > 0: LoRA of this rank.")
+    g.add_argument("--lora_alpha", type=float, default=None, help="Default: equal to --lora_rank.")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS,
+                   help="Comma-separated module names inside the LLM (e.g. add gate_proj,up_proj,down_proj).")
+
+    g = parser.add_argument_group("checkpoints, samples, logging")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
+    g.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="Prompts for sample images (default: the first two captions).")
+    g.add_argument("--validation_steps", type=int, default=500, help="Samples + loss curve every N steps (0: end only).")
+    g.add_argument("--num_inference_steps", type=int, default=25)
+    g.add_argument("--guidance_scale", type=float, default=4.0)
+    g.add_argument("--logging_steps", type=int, default=10, help="Loss printed / curve points every N steps.")
+
+    g = parser.add_argument_group("Hub")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload pipeline/ (with its model card) at the end.")
+    g.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
+    g.add_argument("--hub_token", default=None, help="Default: the token from `hf auth login` / HF_TOKEN.")
+    g.add_argument("--hub_private", action="store_true")
+
+    args = parser.parse_args(argv)
+    if (args.train_data_dir is None) == (args.train_data_file is None):
+        parser.error("give exactly one of --train_data_dir or --train_data_file")
+    if args.lora_rank < 0:
+        parser.error(f"--lora_rank must be >= 0, got {args.lora_rank}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks (also used by the tests)
+# ----------------------------------------------------------------------------------------------------------------------
+def default_noise_scheduler(config):
+    """DDPM for epsilon / v models, flow-matching Euler for flow models (as the conversion script saves)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if config.prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps)
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        prediction_type=config.prediction_type,
+        variance_type="learned_range" if config.learn_sigma else "fixed_small",
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
+
+
+def load_scheduler(folder):
+    import diffusers
+
+    with open(os.path.join(folder, "scheduler_config.json")) as f:
+        class_name = json.load(f)["_class_name"]
+    return getattr(diffusers, class_name).from_pretrained(folder)
+
+
+def load_base(path, vae_path=None):
+    """Model (float32), processor, noise scheduler and VAE (or None) from a checkpoint or a pipeline folder."""
+    if not os.path.isdir(path):
+        raise ValueError(f"`--pretrained_model_name_or_path` {path!r} is not a folder.")
+    is_pipeline = os.path.isfile(os.path.join(path, "model_index.json"))
+    model_dir = os.path.join(path, "model") if is_pipeline else path
+    model = MonoFormerForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    processor = MonoFormerProcessor.from_pretrained(os.path.join(path, "processor") if is_pipeline else path)
+    processor.configure_for_model(model.config)
+    scheduler_dir = os.path.join(path, "scheduler")
+    if os.path.isfile(os.path.join(scheduler_dir, "scheduler_config.json")):
+        scheduler = load_scheduler(scheduler_dir)
+    else:
+        scheduler = default_noise_scheduler(model.config)
+    vae = None
+    vae_dir = vae_path or (os.path.join(path, "vae") if is_pipeline else None)
+    if vae_dir is not None and os.path.isdir(vae_dir):
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    elif vae_path is not None:
+        raise ValueError(f"`--vae` {vae_path!r} is not a folder.")
+    if vae is None and model.config.vae_scale_factor != 1:
+        raise ValueError(
+            f"{path!r} is a latent model (`vae_scale_factor`={model.config.vae_scale_factor}) without a vae/ folder: "
+            "pass `--vae` (the AutoencoderKL it was trained with)."
+        )
+    return model, processor, scheduler, vae
+
+
+def head_module_names(config) -> list[str]:
+    """The image-path modules a LoRA run trains fully (PEFT `modules_to_save`)."""
+    names = ["x_embedder", "t_embedder", "final_layer"]
+    names.append({"adaln": "t_modulation", "token": "t_projector"}.get(config.timestep_conditioning, None))
+    return [n for n in names if n is not None]
+
+
+def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0, target_modules=DEFAULT_LORA_TARGETS):
+    """Wrap `model` with PEFT LoRA (peft 0.21: `get_peft_model`, not `model.add_adapter`).
+
+    - LoRA on the LLM's `target_modules`;
+    - the new image heads in `modules_to_save` (trained fully, saved with the adapter);
+    - the rows of `<boi>` and `<eoi>` in `trainable_token_indices` (input embeddings, and the untied `lm_head`): they
+      are the only new tokens the model reads (`<boi>` ends every text -> image prompt) or predicts (`<boi>` starts an
+      image), and they start as the mean of all rows. `<image>` placeholders are replaced by patch embeddings and
+      never a target, so its row stays frozen. Training just these rows keeps the adapter small; putting the whole
+      `embed_tokens`/`lm_head` in `modules_to_save` would copy the full vocabulary matrices into it.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = model.config
+    if isinstance(target_modules, str):
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    token_ids = [config.boi_token_id, config.eoi_token_id]
+    trainable_tokens = {"embed_tokens": token_ids}
+    if not config.tie_word_embeddings:
+        trainable_tokens["lm_head"] = token_ids
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=head_module_names(config),
+        trainable_token_indices=trainable_tokens,
+    )
+    return get_peft_model(model, lora_config)
+
+
+def build_pipeline(model, vae, scheduler, processor):
+    """A `MonoFormerPipeline` around `model` (imported here: the pipeline module is optional for training)."""
+    from modeling_monoformer.pipeline_monoformer import MonoFormerPipeline
+
+    sampler = type(scheduler).from_config(scheduler.config)
+    pipe = MonoFormerPipeline(model=model, vae=vae, scheduler=sampler, processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def save_samples(pipe, prompts, path, image_size, num_inference_steps, guidance_scale, seed=0):
+    """One image per prompt (fixed seed), side by side in one PNG."""
+    from PIL import Image
+
+    was_training = pipe.model.training
+    pipe.model.eval()
+    images = pipe(
+        list(prompts), height=image_size[0], width=image_size[1], num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
+    ).images
+    pipe.model.train(was_training)
+    grid = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+    x = 0
+    for im in images:
+        grid.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def plot_losses(history: list[dict], path: str) -> bool:
+    """Loss curves (total, LM, diffusion) against the step; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [h["step"] for h in history]
+    for key in ("loss", "lm_loss", "diffusion_loss"):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            ax.plot(steps, [float("nan") if v is None else v for v in values], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def summarise_losses(history: list[dict]) -> dict:
+    """Mean of the first and last ~10% of logged steps for each loss."""
+    out = {}
+    window = max(1, len(history) // 10)
+    for key in ("loss", "lm_loss", "diffusion_loss"):
+        values = [h[key] for h in history if h.get(key) is not None]
+        if values:
+            out[key] = (sum(values[:window]) / len(values[:window]), sum(values[-window:]) / len(values[-window:]))
+    return out
+
+
+def write_model_card(folder, info: dict) -> str:
+    """README.md for the trained pipeline: base LLM, data, steps, losses, how to load."""
+    from huggingface_hub import ModelCard
+
+    losses = "\n".join(
+        f"| {k} | {first:.4f} | {last:.4f} |" for k, (first, last) in info["losses"].items()
+    ) or "| - | - | - |"
+    base_model_meta = f"base_model: {info['base_llm']}\n" if re.fullmatch(r"[\w.-]+/[\w.-]+", info["base_llm"]) else ""
+    method = f"LoRA (rank {info['lora_rank']}, merged)" if info["lora_rank"] else "full fine-tune"
+    content = f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+{base_model_meta}tags:
+- monoformer
+- text-to-image
+- diffusers
+- trust-remote-code
+---
+
+# {info['name']}
+
+A [MonoFormer](https://arxiv.org/abs/2409.16280) pipeline: one causal LLM that writes text and paints images by
+diffusion, fine-tuned with `examples/train_text_to_image.py` ({method}).
+
+| | |
+|---|---|
+| base LLM | `{info['base_llm']}` ({info['llm_type']}, {info['num_params'] / 1e6:.1f} M parameters) |
+| base checkpoint | `{info['base_checkpoint']}` |
+| data | `{info['data']}`: {info['num_images']} images, {info['num_text']} text-only samples |
+| steps | {info['steps']} (global batch {info['global_batch']}, learning rate {info['learning_rate']}) |
+| objective | `{info['prediction_type']}`, scheduler `{info['scheduler']}` |
+
+| loss | first steps | last steps |
+|---|---|---|
+{losses}
+
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{info['repo_or_path']}", trust_remote_code=True)
+image = pipe("{info['example_prompt']}", generator=torch.manual_seed(0)).images[0]
+```
+"""
+    card = ModelCard(content)
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path
+
+
+def push_to_hub(folder, repo_id, token=None, private=False, commit_message="Upload MonoFormer pipeline"):
+    """Upload a saved pipeline folder (safetensors weights, code files, processor, scheduler, model card)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return repo_id
+
+
+def list_checkpoints(output_dir) -> list[tuple[int, str]]:
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name))
+             for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name))]
+    return sorted(found)
+
+
+def check_sequence_lengths(records, latents, processor, config):
+    """Refuse, before training, a sample whose caption + image is longer than the LLM's context."""
+    max_positions = getattr(config.text_config, "max_position_embeddings", None)
+    if max_positions is None:
+        return
+    for record, latent in zip(records, latents):
+        n_text = len(processor.tokenizer(record["text"])["input_ids"])
+        n_total = n_text + config.num_image_tokens(*latent.shape[-2:]) + 3  # <boi> <eoi> <eos>
+        if n_total > max_positions:
+            raise ValueError(
+                f"Image {record['image_path']!r} with its caption needs {n_total} tokens, more than the LLM's "
+                f"max_position_embeddings={max_positions}: lower `--resolution` or shorten the caption."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    start_time = time.time()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        # A CPU-only machine: gloo under `accelerate launch --multi_gpu` / torchrun (accelerate needs cpu=True for it).
+        cpu=args.cpu or not torch.accelerator.is_available(),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Text-only / caption-only batches leave the image heads without gradients.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---- data records first: a wrong column or path fails before any model is loaded
+    records = load_image_caption_records(
+        args.train_data_dir, args.train_data_file, args.caption_column, args.image_column, args.max_train_samples
+    )
+    texts = load_text_samples(args.text_data_file, args.text_column) if args.text_data_file else None
+
+    # ---- model, processor, scheduler, VAE
+    model, processor, noise_scheduler, vae = load_base(args.pretrained_model_name_or_path, args.vae)
+    config = model.config
+    num_channels = vae.config.in_channels if vae is not None else config.latent_channels
+    resize = {"do_resize": True, "size": {"height": args.resolution, "width": args.resolution}} if args.resolution else {}
+    image_processor = MonoFormerImageProcessor(num_channels=num_channels, **resize)
+
+    # ---- latents: encoded once by the main process, read from the cache by the others (and by resumed runs)
+    cache_dir = args.cache_dir or os.path.join(args.output_dir, "latent_cache")
+    with accelerator.main_process_first():
+        latents = encode_images(
+            records, image_processor, config, vae=vae, cache_dir=cache_dir,
+            show_progress=accelerator.is_local_main_process,
+        )
+    check_sequence_lengths(records, latents, processor, config)
+    dataset = MonoFormerTrainingDataset(
+        [r["text"] for r in records], latents, texts, args.text_ratio, args.caption_ratio, seed=args.seed
+    )
+    collator = MonoFormerDataCollator(
+        processor, noise_scheduler, config.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator,
+        num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size * accelerator.num_processes,
+    )
+
+    # ---- what is trained
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if args.lora_rank:
+        model = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        inner_model = model.base_model.model  # LoRA layers are injected in place: sampling uses this one
+    else:
+        inner_model = model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    if args.lora_rank:  # checkpoints hold the adapter, not a copy of the frozen base model
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        def save_model_hook(models, weights, output_dir):
+            if accelerator.is_main_process:
+                for m in models:
+                    accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "adapter"))
+            while weights:
+                weights.pop()
+
+        def load_model_hook(models, input_dir):
+            while models:
+                m = accelerator.unwrap_model(models.pop())
+                state = load_file(os.path.join(input_dir, "adapter", "adapter_model.safetensors"))
+                result = set_peft_model_state_dict(m, state)
+                if result.unexpected_keys:
+                    raise ValueError(f"Checkpoint {input_dir!r}: unexpected adapter keys {result.unexpected_keys}.")
+
+        accelerator.register_save_state_pre_hook(save_model_hook)
+        accelerator.register_load_state_pre_hook(load_model_hook)
+
+    from diffusers.optimization import get_scheduler
+
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(records)} images, {dataset.num_text} text samples, {accelerator.num_processes} process(es), global "
+        f"batch {global_batch}, {max_train_steps} steps, {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full'}"
+        f": {num_trainable / 1e6:.3f} M trainable parameters"
+    )
+
+    # ---- resume
+    global_step, first_epoch, skip_batches, history = 0, 0, 0, []
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            found = list_checkpoints(args.output_dir)
+            path = found[-1][1] if found else None
+        else:
+            path = args.resume_from_checkpoint
+        if path is None:
+            logger.info("No checkpoint in the output folder: starting from the base model.")
+        else:
+            match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+            if not os.path.isdir(path) or match is None:
+                raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint-<step> folder.")
+            accelerator.load_state(path)
+            global_step = int(match.group(1))
+            with open(os.path.join(path, "loss_history.json")) as f:
+                history = json.load(f)
+            first_epoch = global_step // steps_per_epoch
+            skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info(f"Resumed from {path} at step {global_step}")
+
+    def save_checkpoint(step):
+        final = os.path.join(args.output_dir, f"checkpoint-{step}")
+        tmp = final + ".tmp"
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, "loss_history.json"), "w") as f:
+                json.dump(history, f)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # a crash while saving never damages the previous checkpoints
+            if args.checkpoints_total_limit:
+                for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    prompts = args.validation_prompts or [r["text"] for r in records[:2]]
+    pixel_size = tuple(int(s) * config.vae_scale_factor for s in latents[0].shape[-2:])
+
+    def write_samples_and_curve(step):
+        if not accelerator.is_main_process:
+            return
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        pipe = build_pipeline(inner_model, vae, noise_scheduler, processor)
+        save_samples(pipe, prompts, os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), pixel_size,
+                     args.num_inference_steps, args.guidance_scale, seed=args.seed)
+        if ema is not None:
+            ema.restore(params)
+        with open(os.path.join(args.output_dir, "loss_history.json"), "w") as f:
+            json.dump(history, f)
+        if not plot_losses(history, os.path.join(args.output_dir, "loss_curve.png")):
+            logger.warning("matplotlib is not installed: no loss_curve.png (pip install matplotlib).")
+
+    # ---- train
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    nan = torch.tensor(float("nan"), device=accelerator.device)
+    running = torch.zeros(3, device=accelerator.device)
+    train_start, steps_this_run = time.time(), 0
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        dataloader.set_epoch(epoch)  # the sampler's permutation
+        dataset.set_epoch(epoch)  # the per-sample noise seeds (accelerate does not forward it in every mode)
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
+        skip_batches = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            parts = [out.loss, out.lm_loss, out.diffusion_loss]
+            parts = torch.stack([nan if p is None else p.detach().float() for p in parts])
+            running += accelerator.gather(parts.unsqueeze(0)).nanmean(0) / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(params)
+            global_step += 1
+            steps_this_run += 1
+            values = [None if math.isnan(v) else v for v in running.tolist()]
+            running.zero_()
+            history.append({"step": global_step, "loss": values[0], "lm_loss": values[1],
+                            "diffusion_loss": values[2], "lr": lr_scheduler.get_last_lr()[0]})
+            progress.update(1)
+            progress.set_postfix(loss=f"{values[0]:.4f}")
+            if args.logging_steps and global_step % args.logging_steps == 0:
+                logger.info(f"step {global_step}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in zip(("loss", "lm", "diffusion"), values) if v is not None))
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                write_samples_and_curve(global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    train_seconds = time.time() - train_start
+
+    # ---- final: samples, curve, adapter, self-contained pipeline folder with a model card, Hub
+    accelerator.wait_for_everyone()
+    result = {"global_step": global_step, "history": history, "steps_per_second": steps_this_run / train_seconds
+              if train_seconds > 0 else None, "output_dir": args.output_dir}
+    if accelerator.is_main_process:
+        if not args.validation_steps or global_step % args.validation_steps:
+            write_samples_and_curve(global_step)
+        unwrapped = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(params)
+        if args.lora_rank:
+            unwrapped.save_pretrained(os.path.join(args.output_dir, "adapter"))
+            final_model = unwrapped.merge_and_unload()
+        else:
+            final_model = unwrapped
+        if args.gradient_checkpointing:
+            final_model.activation_checkpointing_disable()
+        final_model.eval()
+        pipeline_dir = os.path.join(args.output_dir, "pipeline")
+        build_pipeline(final_model, vae, noise_scheduler, processor).save_pretrained(pipeline_dir)
+        text_config = config.text_config
+        info = {
+            "name": args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)),
+            "base_llm": getattr(text_config, "_name_or_path", "") or getattr(config, "_name_or_path", "")
+            or args.pretrained_model_name_or_path,
+            "llm_type": text_config.model_type,
+            "num_params": sum(p.numel() for p in final_model.parameters()),
+            "base_checkpoint": args.pretrained_model_name_or_path,
+            "data": args.train_data_dir or args.train_data_file,
+            "num_images": len(records),
+            "num_text": dataset.num_text,
+            "steps": global_step,
+            "global_batch": global_batch,
+            "learning_rate": args.learning_rate,
+            "prediction_type": config.prediction_type,
+            "scheduler": type(noise_scheduler).__name__,
+            "lora_rank": args.lora_rank,
+            "losses": summarise_losses(history),
+            "repo_or_path": args.hub_model_id or pipeline_dir,
+            "example_prompt": prompts[0].replace('"', "'") if prompts else "a photo",
+        }
+        write_model_card(pipeline_dir, info)
+        result["pipeline_dir"] = pipeline_dir
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+            result["repo_id"] = push_to_hub(pipeline_dir, repo_id, token=args.hub_token, private=args.hub_private)
+            logger.info(f"Pushed to https://huggingface.co/{result['repo_id']}")
+        logger.info(f"Done: {global_step} steps, {result['steps_per_second']:.2f} steps/s this run, "
+                    f"{time.time() - start_time:.0f} s in all; pipeline in {pipeline_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main()
