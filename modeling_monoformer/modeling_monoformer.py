@@ -562,6 +562,8 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         """
         if diffusion_target is not None and latents is None:
             raise ValueError("`diffusion_target` was given without `latents`.")
+        # Loss-only arguments (Trainer's global token count) stay out of the LLM body.
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -587,7 +589,7 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             full_logits = logits if logits.shape[1] == labels.shape[1] else self.lm_head(hidden)
             lm_loss = self.loss_function(
-                logits=full_logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=full_logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
             )
         if diffusion_target is not None:
             diffusion_loss = self.diffusion_loss_function(diffusion_output, diffusion_target)
