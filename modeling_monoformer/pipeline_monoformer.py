@@ -22,7 +22,6 @@ from diffusers.utils import hub_utils, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
 
-IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<boi>", "<eoi>"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
@@ -198,8 +197,9 @@ class MonoFormerPipeline(DiffusionPipeline):
                     f"`negative_prompt` must be None, a string or a list of strings, got {negative_prompt!r}."
                 )
             prompts = prompts + negatives
+        specials = (self.processor.image_token, self.processor.boi_token, self.processor.eoi_token)
         for text in prompts:
-            for special in (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN):
+            for special in specials:
                 if special in text:
                     raise ValueError(
                         f"`prompt`/`negative_prompt` {text[:60]!r} contains {special!r}; the pipeline appends "
@@ -275,7 +275,7 @@ class MonoFormerPipeline(DiffusionPipeline):
             negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
             texts = [n for n in negatives for _ in range(num_images_per_prompt)] + texts
         batch = self.processor(
-            text=[t + IMAGE_TOKEN for t in texts],
+            text=[t + self.processor.image_token for t in texts],
             image_sizes=[[(height, width)]] * len(texts),
             padding=True,
             padding_side="left",

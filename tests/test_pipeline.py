@@ -108,6 +108,25 @@ def test_batched_row_equals_the_prompt_run_alone(pipe, monkeypatch):
     torch.testing.assert_close(batched[1:], alone, rtol=0, atol=1e-5)
 
 
+def test_pipeline_uses_the_processors_own_special_tokens():
+    """Checkpoints converted from the original release mark images with <|im_start|> / <|im_end|>."""
+    tok = make_tokenizer()
+    model = MonoFormerForConditionalGeneration.from_llm(
+        tiny_llama(), tokenizer=tok, latent_channels=4, patch_size=2, vae_scale_factor=2, sample_size=8
+    ).eval()
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(), tok, boi_token="<|im_start|>", eoi_token="<|im_end|>")
+    model.resize_token_embeddings(len(tok))
+    model.config.boi_token_id, model.config.eoi_token_id = processor.boi_token_id, processor.eoi_token_id
+    pipe = MonoFormerPipeline(model=model, vae=tiny_vae(), scheduler=DDIMScheduler(), processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    ids, _, n_image = pipe.encode_prompt(PROMPTS, None, 1, True, 16, 16, "cpu")
+    assert (ids[:, -n_image - 1] == processor.boi_token_id).all()
+    cached = generate(pipe, output_type="latent")
+    torch.testing.assert_close(cached, generate(pipe, output_type="latent", use_prefix_cache=False), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="prompt"):
+        pipe("a <|im_start|> b", num_inference_steps=1)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Seeds, shapes, output types
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,10 +382,14 @@ def loaded_elsewhere(tmp_path_factory):
         pipe.push_to_hub("user/monoformer-tiny")
         pipe.save_pretrained(root / "saved_and_pushed", push_to_hub=True, repo_id="user/monoformer-tiny-2")
     pipe.save_pretrained(root / "saved")
+    pixel_pipe = make_pipe(pixel_space=True, num_channels=1, latent_channels=1)  # vae=None, grayscale
+    pixel_pipe.save_pretrained(root / "pixel")
 
-    expected = generate(pipe, output_type="np")
+    expected = dict.fromkeys(("saved", "pushed", "save_pushed"), generate(pipe, output_type="np"))
+    expected["pixel"] = generate(pixel_pipe, output_type="np")
     folders = {
         "saved": str(root / "saved"),
+        "pixel": str(root / "pixel"),
         "pushed": str(hub / "user/monoformer-tiny"),
         "save_pushed": str(hub / "user/monoformer-tiny-2"),
     }
@@ -399,12 +422,16 @@ def test_fresh_process_remote_code_load_gives_the_same_image(loaded_elsewhere):
     modules = loaded_elsewhere["report"]["saved"]
     assert all(m.startswith("diffusers_modules") for m in modules[:3]), modules
     assert modules[3] == "DPMSolverMultistepScheduler"
-    np.testing.assert_allclose(loaded_elsewhere["images"]["saved"], loaded_elsewhere["expected"], rtol=0, atol=1e-5)
+    for name in ("saved", "pixel"):
+        got, expected = loaded_elsewhere["images"][name], loaded_elsewhere["expected"][name]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert loaded_elsewhere["images"]["pixel"].shape == (2, 8, 8, 1)
 
 
 def test_push_to_hub_uploads_the_self_contained_folder(loaded_elsewhere):
     assert loaded_elsewhere["uploads"] == ["user/monoformer-tiny", "user/monoformer-tiny-2"]
     for name in ("pushed", "save_pushed"):
         assert all(m.startswith("diffusers_modules") for m in loaded_elsewhere["report"][name][:3])
-        np.testing.assert_allclose(loaded_elsewhere["images"][name], loaded_elsewhere["expected"], rtol=0, atol=1e-5)
+        got, expected = loaded_elsewhere["images"][name], loaded_elsewhere["expected"][name]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert (loaded_elsewhere["hub"] / "user/monoformer-tiny/README.md").is_file()
