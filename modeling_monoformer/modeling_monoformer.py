@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
@@ -322,6 +322,26 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         image_ids = torch.repeat_interleave(torch.arange(len(counts), device=flat.device), counts_t)
         return flat, image_ids, starts
 
+    def _hybrid_mask(self, inputs_embeds, attention_mask, cache, position_ids, block_ids):
+        """Causal + bidirectional-per-image mask in the form the LLM body takes: one 4D mask / BlockMask, or, for
+        bodies mixing full and sliding-window layers (Qwen2 `layer_types`), a dict with one mask per layer type."""
+        config = self.language_model.config
+        kwargs = dict(
+            config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+            position_ids=position_ids, block_sequence_ids=block_ids,
+        )
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            masks = {"full_attention": create_causal_mask(**kwargs)} if "full_attention" in layer_types else {}
+            if "sliding_attention" in layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+            if set(layer_types) - set(masks):
+                raise ValueError(f"Images are not supported with LLM layer types {sorted(set(layer_types))}.")
+            return masks["full_attention"] if set(masks) == {"full_attention"} else masks
+        if getattr(config, "sliding_window", None) is not None:  # Mistral: every layer slides
+            return create_sliding_window_causal_mask(**kwargs)
+        return create_causal_mask(**kwargs)
+
     # ---------------------------------------------------------------- forward
     def forward(
         self,
@@ -340,6 +360,10 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             The (noisy or clean) latents of the images, in order of appearance over the flattened batch.
         timesteps (`torch.Tensor` of shape `(n_images,)`, *optional*):
             Each image's timestep on the scheduler's scale; `0` (the default) marks a clean context image.
+
+        Without images, every argument goes to the LLM body untouched, so text behaves exactly as the base LLM (which
+        also means: no `position_ids` + left padding gives the LLM's own default positions, as without the wrapper).
+        With images and no `position_ids`, positions are counted from the 2D `attention_mask` so padding is skipped.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -398,14 +422,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             # A 4D mask / BlockMask given by the caller is used as is. Without any mask, explicit position ids that
             # restart (several samples packed in one row) make `create_causal_mask` cut attention between samples.
             if attention_mask is None or attention_mask.ndim == 2:
-                mask = create_causal_mask(
-                    config=self.language_model.config,
-                    inputs_embeds=inputs_embeds,
-                    attention_mask=attention_mask,
-                    cache=cache,
-                    position_ids=position_ids,
-                    block_sequence_ids=block_ids,
-                )
+                mask = self._hybrid_mask(inputs_embeds, attention_mask, cache, position_ids, block_ids)
         elif input_ids is not None and past_len == 0 and self.config.image_token_id is not None:
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError(

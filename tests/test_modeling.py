@@ -348,3 +348,32 @@ def test_config_rejects_unknown_modes():
         MonoFormerConfig(timestep_conditioning="film")
     with pytest.raises(ValueError, match="prediction_type"):
         MonoFormerConfig(prediction_type="sample")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2-hybrid"])
+def test_sliding_window_layers_keep_their_window_with_images(family):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, sliding_window=4)
+    if family == "mistral":
+        llm = MistralForCausalLM(MistralConfig(**common)).eval()
+    else:  # every layer sliding through Qwen2's `layer_types`
+        llm = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=0)).eval()
+    model = wrap(llm)
+    cfg = model.config
+    ids = torch.tensor([image_row(cfg, list(range(5, 25)), 4, 4)])
+    lat = torch.randn(1, 4, 4, 4)
+    t = torch.tensor([100])
+    ids2 = ids.clone()
+    ids2[0, 0] = 99  # 20 tokens before the image: out of reach of 2 layers with a window of 4
+    with torch.no_grad():
+        a = model(input_ids=ids, latents=lat, timesteps=t).diffusion_output
+        b = model(input_ids=ids2, latents=lat, timesteps=t).diffusion_output
+    assert torch.equal(a, b)
+    lat2 = lat.clone()
+    lat2[..., 3, 3] += 1.0
+    with torch.no_grad():
+        c = model(input_ids=ids, latents=lat2, timesteps=t).diffusion_output
+    assert (a[..., :2, :2] - c[..., :2, :2]).abs().max() > 1e-4  # still bidirectional inside the image
