@@ -327,7 +327,9 @@ class MonoFormerPipeline(DiffusionPipeline):
         if not use_prefix_cache:
             return MonoFormerDenoisingContext(input_ids, attention_mask, position_ids)
         prefix_len = input_ids.shape[1] - n_image_tokens
-        cache = DynamicCache(config=self.model.config.text_config)
+        # Full (non-sliding) cache layers for every layer: a sliding-window layer would drop prefix keys that
+        # `crop` cannot restore. The sliding masks still limit what each layer attends to.
+        cache = DynamicCache()
         self.model(
             input_ids=input_ids[:, :prefix_len],
             attention_mask=attention_mask[:, :prefix_len],

@@ -86,6 +86,29 @@ def test_prefix_cached_sampling_equals_full_recompute(timestep_conditioning):
     torch.testing.assert_close(cached, naive, rtol=0, atol=1e-5)
 
 
+def test_prefix_cache_with_sliding_window_llm_equals_full_recompute():
+    """A sliding-window cache would drop prefix keys that `crop` cannot bring back; the pipeline's cache must not."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    llm = MistralForCausalLM(MistralConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=6,
+    )).eval()
+    model = MonoFormerForConditionalGeneration.from_llm(
+        llm, tokenizer=tok, latent_channels=1, patch_size=2, vae_scale_factor=1, sample_size=8
+    ).eval()
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=1), tok)
+    pipe = MonoFormerPipeline(model=model, vae=None, scheduler=DDPMScheduler(), processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=["a photo of a sneaker, a photo of a bag", "a coat"], steps=3, output_type="latent")
+    torch.testing.assert_close(
+        generate(pipe, use_prefix_cache=True, **kwargs), generate(pipe, use_prefix_cache=False, **kwargs),
+        rtol=0, atol=1e-5,
+    )
+
+
 def test_prefix_cache_runs_prompt_once_and_image_block_per_step(pipe):
     lengths = []
     hook = pipe.model.register_forward_pre_hook(
