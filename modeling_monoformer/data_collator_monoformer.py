@@ -10,31 +10,9 @@ import random
 
 import torch
 
-from .processing_monoformer import IMAGE_TOKEN
+from .pipeline_monoformer import check_scheduler_matches  # one rule for training and sampling
 
 TASKS = ("generate", "caption", "text")
-
-
-def check_scheduler_matches(scheduler, prediction_type: str) -> None:
-    """Raise a `ValueError` if a diffusers scheduler cannot train/sample a model with this `prediction_type`."""
-    is_flow = "FlowMatch" in type(scheduler).__name__ or bool(getattr(scheduler.config, "use_flow_sigmas", False))
-    if prediction_type == "flow" and not is_flow:
-        raise ValueError(
-            f"`scheduler` {type(scheduler).__name__} is not a flow-matching scheduler but the model's "
-            "`prediction_type` is 'flow': use FlowMatchEulerDiscreteScheduler (or DPM-Solver with use_flow_sigmas)."
-        )
-    if prediction_type != "flow":
-        if is_flow:
-            raise ValueError(
-                f"`scheduler` {type(scheduler).__name__} is a flow-matching scheduler but the model's "
-                f"`prediction_type` is {prediction_type!r}: use DDPM, DDIM, DPM-Solver++ or Euler."
-            )
-        sched_pred = getattr(scheduler.config, "prediction_type", prediction_type)
-        if sched_pred != prediction_type:
-            raise ValueError(
-                f"`scheduler.config.prediction_type` is {sched_pred!r} but the model predicts {prediction_type!r}: "
-                f"build it with `Scheduler.from_config(config, prediction_type={prediction_type!r})`."
-            )
 
 
 def add_training_noise(
@@ -138,9 +116,9 @@ class MonoFormerDataCollator:
                 draw = self.rng.random() if generator is None else torch.rand((), generator=generator).item()
                 if draw < self.cfg_dropout:
                     text = ""
-                texts.append(text + IMAGE_TOKEN)
+                texts.append(text + self.processor.image_token)
             elif task == "caption":
-                texts.append(IMAGE_TOKEN + text + eos)
+                texts.append(self.processor.image_token + text + eos)
             else:
                 texts.append(text + eos)
             if task == "text":

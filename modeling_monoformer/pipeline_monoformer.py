@@ -41,7 +41,7 @@ EXAMPLE_DOC_STRING = """
 def check_scheduler_matches(scheduler, prediction_type: str) -> None:
     """Raise a `ValueError` if a diffusers scheduler cannot sample a model with this `prediction_type`.
 
-    Same rule as `data_collator_monoformer.check_scheduler_matches` (training side), kept here so that this file needs
+    The training collator uses this same rule. It lives here so that this file needs
     no sibling module; for DPM-Solver with flow sigmas it also requires `prediction_type="flow_prediction"`.
     """
     name = type(scheduler).__name__
