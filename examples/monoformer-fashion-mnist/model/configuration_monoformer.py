@@ -1,0 +1,127 @@
+"""MonoFormer configuration: a causal LLM's config plus the fields of the image/diffusion path."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+TIMESTEP_CONDITIONING_MODES = ("adaln", "token", "add")
+IMAGE_POS_EMBED_TYPES = ("sincos_2d", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+
+
+class MonoFormerConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`MonoFormerForConditionalGeneration`]: one decoder-only transformer (any causal LLM that
+    `AutoModel` builds and that takes `inputs_embeds`, a 4D attention mask and `position_ids`) that predicts the next
+    text token and denoises image latents cut into `patch_size x patch_size` patches.
+
+    Args:
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the LLM body (Llama, Qwen2, Mistral, ...). A dict without `model_type` is read as Llama.
+        latent_channels (`int`, defaults to 4):
+            Channels of the image latents (4 for a Stable-Diffusion VAE, 1 or 3 for pixel-space models).
+        patch_size (`int`, defaults to 2):
+            Side of the square latent patch that becomes one token.
+        vae_scale_factor (`int`, defaults to 8):
+            Pixels per latent pixel along each side (1 = pixel space, no VAE).
+        sample_size (`int`, defaults to 32):
+            Default latent side; the pipeline's default image side is `sample_size * vae_scale_factor`.
+        timestep_conditioning (`str`, defaults to `"adaln"`):
+            How the diffusion timestep reaches the transformer: `"adaln"` (shift/scale on the image tokens before
+            layer 0, as in the original MonoFormer release), `"token"` (one timestep token just before the image
+            tokens) or `"add"` (the timestep embedding added to every patch token, as in Transfusion).
+        image_pos_embed (`str`, defaults to `"sincos_2d"`):
+            `"sincos_2d"` adds a fixed 2D sin-cos embedding (computed for any `h x w` grid, not stored) to the image
+            tokens; `"none"` relies on the LLM's 1D RoPE alone.
+        learn_sigma (`bool`, defaults to `False`):
+            Double the diffusion head's output channels (`[prediction, variance interpolation]`, IDDPM style). The
+            diffusion loss only covers the prediction half.
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the diffusion head predicts: `"epsilon"` (noise), `"v_prediction"` (velocity) or `"flow"`
+            (rectified-flow velocity `noise - x0`). Fixes which diffusers schedulers are valid.
+        num_train_timesteps (`int`, defaults to 1000):
+            Scale of the `timesteps` the model receives (DDPM steps in `[0, num_train_timesteps)`, flow models
+            `sigma * num_train_timesteps`).
+        lm_loss_weight (`float`, defaults to 1.0), diffusion_loss_weight (`float`, defaults to 1.0):
+            `loss = lm_loss_weight * lm_loss + diffusion_loss_weight * diffusion_loss` (the original release used
+            0.01 / 1.0, Transfusion 1 / 5).
+        image_token_id, boi_token_id, eoi_token_id (`int`, *optional*):
+            Ids of the `<image>` placeholder, `<boi>` and `<eoi>` tokens (set by `from_llm` / the processor).
+        tie_word_embeddings (`bool`, defaults to `False`):
+            Mirrors `text_config.tie_word_embeddings` (the wrapper decides tying).
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> config = MonoFormerConfig(text_config=LlamaConfig(hidden_size=64, num_hidden_layers=2), patch_size=2)
+    >>> config.text_config.model_type
+    'llama'
+    ```
+    """
+
+    model_type = "monoformer"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PretrainedConfig | None = None
+    latent_channels: int = 4
+    patch_size: int = 2
+    vae_scale_factor: int = 8
+    sample_size: int = 32
+    timestep_conditioning: str = "adaln"
+    image_pos_embed: str = "sincos_2d"
+    learn_sigma: bool = False
+    prediction_type: str = "epsilon"
+    num_train_timesteps: int = 1000
+    lm_loss_weight: float = 1.0
+    diffusion_loss_weight: float = 1.0
+    image_token_id: int | None = None
+    boi_token_id: int | None = None
+    eoi_token_id: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        self.validate_monoformer_fields()
+
+    def validate_monoformer_fields(self):
+        """Raise a `ValueError` naming the field for any value the model cannot run with."""
+        choices = {
+            "timestep_conditioning": TIMESTEP_CONDITIONING_MODES,
+            "image_pos_embed": IMAGE_POS_EMBED_TYPES,
+            "prediction_type": PREDICTION_TYPES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in ("latent_channels", "patch_size", "vae_scale_factor", "sample_size", "num_train_timesteps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.sample_size % self.patch_size:
+            raise ValueError(
+                f"`sample_size` ({self.sample_size}) must be divisible by `patch_size` ({self.patch_size})."
+            )
+        hidden = getattr(self.text_config, "hidden_size", None)
+        if self.image_pos_embed == "sincos_2d" and hidden is not None and hidden % 4:
+            raise ValueError(f"`image_pos_embed='sincos_2d'` needs a hidden size divisible by 4, got {hidden}.")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the diffusion head's output per latent pixel."""
+        return self.latent_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def tokens_per_image_extra(self) -> int:
+        """Placeholders per image beyond its patches (the timestep token in `"token"` mode)."""
+        return 1 if self.timestep_conditioning == "token" else 0
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Number of `<image>` placeholders for a latent of `height x width` (patches + timestep token)."""
+        return (height // self.patch_size) * (width // self.patch_size) + self.tokens_per_image_extra
+
+
+MonoFormerConfig.register_for_auto_class()
+
+__all__ = ["MonoFormerConfig"]

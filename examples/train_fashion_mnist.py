@@ -1,0 +1,430 @@
+#!/usr/bin/env python
+"""Train a small MonoFormer from scratch on Fashion-MNIST (+ Jane Austen) on a CPU: the demo recipe.
+
+One Llama-style transformer learns three things with the same weights:
+- text-to-image: `"a photo of a sneaker" <boi> <image> x 49 <eoi>`, the 28x28 grayscale image denoised in pixel
+  space (no VAE, `vae_scale_factor=1`, one channel, 4x4 patches = 49 image tokens), prompts dropped 10% of the time
+  for classifier-free guidance;
+- captioning: `<boi> <image> x 49 <eoi> "a photo of a sneaker"`, the clean image first, the caption learnt by the LM;
+- text: paragraphs of Jane Austen's novels (*Persuasion* is held out for the perplexity benchmark).
+
+Data (Debian packages, nothing downloaded from a hub):
+
+    apt-get install -y dataset-fashion-mnist                 # /usr/share/datasets/fashion-mnist
+    apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb ~/.cache/janeaustenr
+    pip install rdata matplotlib                             # the `examples` extra
+
+The tokenizer is a byte-level BPE trained here (`tokenizers`) on the captions and the training text. Noise and
+timesteps come from a diffusers scheduler through `MonoFormerDataCollator` (rectified flow with
+`FlowMatchEulerDiscreteScheduler` by default; `--prediction_type epsilon` uses DDPM for training, DDIM for sampling).
+Training keeps an EMA of the weights, which is what is sampled and saved.
+
+Output (`--output_dir`): `samples/step-XXXXX.png` (one row per class, EMA weights), `loss_curve.png`,
+`loss_history.json`, `train_args.json` and `pipeline/`, a self-contained `MonoFormerPipeline` folder that loads with
+`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
+
+    # the shipped checkpoint (examples/monoformer-fashion-mnist): 24 minutes on 2 busy CPU cores
+    python examples/train_fashion_mnist.py --minutes 24 --output_dir runs/fmnist
+    # a smoke run in seconds
+    python examples/train_fashion_mnist.py --subset 256 --max_steps 5 --hidden_size 32 --num_layers 1 \\
+        --num_heads 2 --vocab_size 300 --batch_size 8 --output_dir /tmp/fmnist-smoke
+
+The run is seeded: with `--max_steps` (and the same `--subset`/threads), two runs give the same weights. A `--minutes`
+budget stops at whatever step the clock allows, so its length depends on the machine; the LR schedule then follows
+the elapsed fraction of the budget.
+"""
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import pathlib
+import random
+import sys
+import time
+import warnings
+import zlib
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+try:
+    import modeling_monoformer  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from modeling_monoformer import (  # noqa: E402
+    MonoFormerDataCollator,
+    MonoFormerForConditionalGeneration,
+    MonoFormerImageProcessor,
+    MonoFormerPipeline,
+    MonoFormerProcessor,
+)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
+AUSTEN_SUBDIR = "usr/lib/R/site-library/janeaustenr"
+AUSTEN_CANDIDATES = ["/", os.path.expanduser("~/.cache/janeaustenr")]
+AUSTEN_INSTALL = (
+    "cd /tmp && apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb ~/.cache/janeaustenr "
+    "&& pip install rdata"
+)
+AUSTEN_HELD_OUT = "persuasion"  # never trained on: the perplexity benchmark's text
+
+# Fashion-MNIST label order; each name carries its article so that templates read naturally.
+CLASS_NAMES = [
+    "a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat",
+    "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot",
+]
+CAPTION_TEMPLATES = ["a photo of {}", "{}", "a picture of {}", "a grayscale photo of {}"]
+SAMPLE_PROMPT_TEMPLATE = "a photo of {}"
+
+
+def caption_class(text: str) -> int | None:
+    """The class a caption names (longest name first, so "t-shirt" is not read as "shirt"), or None."""
+    text = text.lower()
+    order = sorted(range(len(CLASS_NAMES)), key=lambda i: -len(CLASS_NAMES[i]))
+    for i in order:
+        if CLASS_NAMES[i].split(" ", 1)[1] in text:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def load_idx(path: str) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format) into a uint8 array."""
+    data = gzip.open(path).read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str = FASHION_MNIST_DIR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST images `(n, 1, 28, 28)` in `[-1, 1]` and labels `(n,)`; `split` is "train" or "test"."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    paths = [os.path.join(data_dir, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST is missing ({', '.join(missing)}). Install it with:\n    {FASHION_MNIST_INSTALL}\n"
+            "or pass --data_dir to a folder holding the four *-ubyte.gz files."
+        )
+    images = torch.from_numpy(load_idx(paths[0]).copy()).float().div(127.5).sub(1.0).unsqueeze(1)
+    labels = torch.from_numpy(load_idx(paths[1]).astype(np.int64))
+    return images, labels
+
+
+def find_austen_dir(austen_dir: str | None = None) -> pathlib.Path:
+    """The `janeaustenr` R package folder (apt-installed, or unpacked with dpkg-deb), or a clear error."""
+    roots = [austen_dir] if austen_dir else AUSTEN_CANDIDATES
+    for root in roots:
+        for candidate in (pathlib.Path(root), pathlib.Path(root) / AUSTEN_SUBDIR):
+            if (candidate / "data" / "Rdata.rdb").is_file():
+                return candidate
+    raise FileNotFoundError(
+        f"Jane Austen's novels (Debian r-cran-janeaustenr) were not found under {roots}. Get them with:\n"
+        f"    {AUSTEN_INSTALL}\nor pass --austen_dir, or train without text with --text_fraction 0."
+    )
+
+
+def load_austen_books(austen_dir: str | None = None) -> dict[str, list[str]]:
+    """Jane Austen's six novels as `{name: lines}`, read from the R lazy-load database with `rdata`."""
+    try:
+        import rdata
+    except ImportError as err:
+        raise ImportError("Reading the Austen novels needs `rdata`: pip install rdata") from err
+    base = find_austen_dir(austen_dir) / "data" / "Rdata"
+
+    def unserialize(raw: bytes):
+        with warnings.catch_warnings():  # the lazy-load entries have no RDS header; rdata says so every time
+            warnings.simplefilter("ignore", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(raw), default_encoding="utf-8")
+
+    index = unserialize(gzip.decompress(base.with_suffix(".rdx").read_bytes()))
+    db = base.with_suffix(".rdb").read_bytes()
+    books = {}
+    for name, (offset, length) in index["variables"].items():
+        offset, length = int(offset), int(length)
+        books[name] = [str(line) for line in unserialize(zlib.decompress(db[offset + 4 : offset + length]))]
+    return books
+
+
+def austen_paragraphs(lines: list[str], max_chars: int = 160, min_chars: int = 40) -> list[str]:
+    """Blank-line separated paragraphs, whitespace-normalised, cut at a word boundary to at most `max_chars`."""
+    paragraphs, current = [], []
+    for line in lines + [""]:
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            text = " ".join(current)
+            current = []
+            if len(text) > max_chars:
+                text = text[:max_chars].rsplit(" ", 1)[0]
+            if len(text) >= min_chars and not text.isupper():  # drop chapter headings
+                paragraphs.append(text)
+    return paragraphs
+
+
+def load_austen_texts(austen_dir: str | None = None, split: str = "train") -> list[str]:
+    """Paragraphs of the five training novels (`split="train"`) or of the held-out one (`"test"`)."""
+    books = load_austen_books(austen_dir)
+    names = sorted(n for n in books if (n == AUSTEN_HELD_OUT) == (split == "test"))
+    return [p for name in names for p in austen_paragraphs(books[name])]
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus` (deterministic for a given corpus)."""
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def build_model(args, tokenizer):
+    """A Llama from a config (random init), wrapped by `from_llm`; returns `(model, processor, train, sample)`
+    where `train` is the collator's scheduler and `sample` the pipeline's."""
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 3,
+            num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+            num_key_value_heads=args.num_heads, max_position_embeddings=256, rope_theta=10000.0,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        )
+    )
+    model = MonoFormerForConditionalGeneration.from_llm(
+        llm, tokenizer=tokenizer, latent_channels=1, patch_size=args.patch_size, vae_scale_factor=1, sample_size=28,
+        timestep_conditioning=args.timestep_conditioning, prediction_type=args.prediction_type,
+        lm_loss_weight=args.lm_loss_weight, diffusion_loss_weight=1.0,
+    )
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=1), tokenizer).configure_for_model(model.config)
+    if args.prediction_type == "flow":
+        train_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        sample_scheduler = FlowMatchEulerDiscreteScheduler.from_config(train_scheduler.config)
+    else:
+        train_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=args.prediction_type)
+        sample_scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    return model, processor, train_scheduler, sample_scheduler
+
+
+def class_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:
+    """`(rows * cols, H, W)` in [0, 1] -> one uint8 grid image with `pad` pixels of gray between cells."""
+    h, w = images.shape[1:3]
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 0.5, dtype=np.float32)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    return (grid * 255).round().astype(np.uint8)
+
+
+def sample_class_grid(pipe, per_class: int, steps: int, guidance_scale: float, seed: int) -> np.ndarray:
+    """One row per class, `per_class` samples each, as a uint8 grid (deterministic for `seed`)."""
+    prompts = [SAMPLE_PROMPT_TEMPLATE.format(n) for n in CLASS_NAMES]
+    out = pipe(
+        prompts, num_images_per_prompt=per_class, num_inference_steps=steps, guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed), output_type="np",
+    ).images  # (10 * per_class, 28, 28, 1)
+    return class_grid(out[..., 0], len(prompts), per_class)
+
+
+def plot_losses(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("diffusion_loss", "diffusion MSE"), ("lm_loss", "LM cross-entropy")):
+        values = np.array([h[key] for h in history])
+        window = max(1, len(values) // 50)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (moving average)")
+    ax.set_title("MonoFormer on Fashion-MNIST + Jane Austen")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("model")
+    group.add_argument("--hidden_size", type=int, default=128)
+    group.add_argument("--num_layers", type=int, default=4)
+    group.add_argument("--num_heads", type=int, default=4)
+    group.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary trained on captions + text")
+    group.add_argument("--patch_size", type=int, default=4, choices=[2, 4, 7], help="4: 49 tokens per image")
+    group.add_argument("--timestep_conditioning", default="adaln", choices=["adaln", "token", "add"])
+    group.add_argument("--prediction_type", default="flow", choices=["flow", "epsilon", "v_prediction"])
+    group.add_argument("--lm_loss_weight", type=float, default=0.5)
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_dir", default=FASHION_MNIST_DIR)
+    group.add_argument("--austen_dir", default=None, help="janeaustenr folder (default: apt or ~/.cache/janeaustenr)")
+    group.add_argument("--subset", type=int, default=None, help="use only the first N training images (CI runs)")
+    group.add_argument("--caption_fraction", type=float, default=0.15)
+    group.add_argument("--text_fraction", type=float, default=0.15, help="Austen paragraphs; 0 = no text data")
+    group.add_argument("--cfg_dropout", type=float, default=0.1)
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--minutes", type=float, default=24.0, help="wall-clock training budget")
+    group.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (reproducible)")
+    group.add_argument("--batch_size", type=int, default=32)
+    group.add_argument("--lr", type=float, default=1.5e-3)
+    group.add_argument("--warmup_steps", type=int, default=100)
+    group.add_argument("--ema_decay", type=float, default=0.995)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group = parser.add_argument_group("logging and output")
+    group.add_argument("--output_dir", required=True)
+    group.add_argument("--sample_every_minutes", type=float, default=8.0, help="sample grid + loss curve interval")
+    group.add_argument("--sample_steps", type=int, default=20)
+    group.add_argument("--guidance_scale", type=float, default=3.0)
+    group.add_argument("--save_dtype", default="float32", choices=["float32", "bfloat16"])
+    return parser.parse_args(argv)
+
+
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% over the run's progress (steps or elapsed budget)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    with open(os.path.join(args.output_dir, "train_args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+    images, labels = load_fashion_mnist("train", args.data_dir)
+    if args.subset:
+        images, labels = images[: args.subset], labels[: args.subset]
+    texts = load_austen_texts(args.austen_dir, "train") if args.text_fraction > 0 else []
+    if args.subset and texts:
+        texts = texts[: args.subset]
+    captions = [t.format(n) for t in CAPTION_TEMPLATES for n in CLASS_NAMES]
+    tokenizer = build_tokenizer(captions * 20 + texts, args.vocab_size)
+    model, processor, train_scheduler, sample_scheduler = build_model(args, tokenizer)
+    collator = MonoFormerDataCollator(
+        processor, train_scheduler, args.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed
+    )
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    sample_pipe = MonoFormerPipeline(model=ema, vae=None, scheduler=sample_scheduler, processor=processor)
+    sample_pipe.set_progress_bar_config(disable=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"MonoFormer {n_params / 1e6:.2f} M params ({args.hidden_size}d x {args.num_layers} layers, patch "
+        f"{args.patch_size}, {args.timestep_conditioning}/{args.prediction_type}); {len(images)} images, "
+        f"{len(texts)} Austen paragraphs, vocab {len(tokenizer)}; {torch.get_num_threads()} threads"
+    )
+
+    def sample_batch() -> dict:
+        batch = []
+        for _ in range(args.batch_size):
+            r = rng.random()
+            if r < args.text_fraction and texts:
+                batch.append({"text": rng.choice(texts), "task": "text"})
+                continue
+            i = rng.randrange(len(images))
+            caption = rng.choice(CAPTION_TEMPLATES).format(CLASS_NAMES[int(labels[i])])
+            image = images[i]
+            if rng.random() < 0.5:  # horizontal flips: every class is left-right symmetric enough
+                image = image.flip(-1)
+            task = "caption" if r < args.text_fraction + args.caption_fraction else "generate"
+            batch.append({"text": caption, "pixel_values": image, "task": task})
+        return collator(batch)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    budget = args.minutes * 60
+    history: list[dict] = []
+    start = last_sample = time.time()
+
+    def write_progress(step: int) -> None:
+        grid = sample_class_grid(sample_pipe, 6, args.sample_steps, args.guidance_scale, args.seed)
+        from PIL import Image
+
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
+            os.path.join(args.output_dir, "samples", f"step-{step:05d}.png")
+        )
+        if history:
+            plot_losses(history, os.path.join(args.output_dir, "loss_curve.png"))
+        with open(os.path.join(args.output_dir, "loss_history.json"), "w") as f:
+            json.dump(history, f)
+
+    model.train()
+    progress = tqdm(total=args.max_steps, desc="training", dynamic_ncols=True)
+    step = 0
+    while True:
+        elapsed = time.time() - start
+        if (args.max_steps is not None and step >= args.max_steps) or elapsed >= budget:
+            break
+        done = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(step, done, args.warmup_steps)
+        out = model(**sample_batch())
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))  # short warmup so early samples are not pure init
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        step += 1
+        history.append({
+            "step": step, "time": round(time.time() - start, 2), "lr": optimizer.param_groups[0]["lr"],
+            "lm_loss": out.lm_loss.item() if out.lm_loss is not None else float("nan"),
+            "diffusion_loss": out.diffusion_loss.item() if out.diffusion_loss is not None else float("nan"),
+            "grad_norm": grad_norm.item(),
+        })
+        progress.update()
+        progress.set_postfix(lm=f"{history[-1]['lm_loss']:.3f}", diff=f"{history[-1]['diffusion_loss']:.3f}")
+        if time.time() - last_sample >= args.sample_every_minutes * 60:
+            write_progress(step)
+            last_sample = time.time()
+    progress.close()
+    train_seconds = time.time() - start
+
+    write_progress(step)
+    window = max(1, min(100, len(history) // 5))
+    summary = {
+        "steps": step, "train_seconds": round(train_seconds, 1), "params": n_params,
+        **{f"final_{k}": float(np.nanmean([h[k] for h in history[-window:]])) for k in ("lm_loss", "diffusion_loss")},
+        **{f"first_{k}": float(np.nanmean([h[k] for h in history[:window]])) for k in ("lm_loss", "diffusion_loss")},
+    }
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+
+    ema.to(getattr(torch, args.save_dtype))
+    pipe = MonoFormerPipeline(model=ema, vae=None, scheduler=sample_scheduler, processor=processor)
+    pipe.save_pretrained(os.path.join(args.output_dir, "pipeline"))
+    print(f"saved the EMA pipeline to {os.path.join(args.output_dir, 'pipeline')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The Fashion-MNIST demo: the shipped checkpoint loads and samples deterministically, and the recipe runs end to end.
+
+Needs the Debian Fashion-MNIST files (`apt-get install -y dataset-fashion-mnist`, done by .ci/run): when they are
+missing these tests fail with that command, they do not skip. The Austen loader test needs the unpacked
+r-cran-janeaustenr package (see `examples/train_fashion_mnist.py`).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "examples" / "monoformer-fashion-mnist"
+sys.path.insert(0, str(ROOT / "examples"))
+
+import train_fashion_mnist as recipe  # noqa: E402
+
+
+def require_fashion_mnist():
+    files = [f"{p}-ubyte.gz" for p in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")]
+    missing = [f for f in files if not os.path.isfile(os.path.join(recipe.FASHION_MNIST_DIR, f))]
+    if missing:
+        pytest.fail(f"Fashion-MNIST files {missing} are missing: {recipe.FASHION_MNIST_INSTALL}")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = DiffusionPipeline.from_pretrained(CHECKPOINT, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, seed: int) -> np.ndarray:
+    prompts = ["a photo of a sneaker", "a photo of a pair of trousers"]
+    return pipe(
+        prompts, num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(seed), output_type="np",
+    ).images
+
+
+def test_shipped_checkpoint_is_small_safetensors():
+    weights = list(CHECKPOINT.rglob("*.safetensors"))
+    assert weights, f"no safetensors under {CHECKPOINT}"
+    assert sum(w.stat().st_size for w in weights) <= 50 * 2**20
+    assert not list(CHECKPOINT.rglob("*.bin"))
+    index = json.loads((CHECKPOINT / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_monoformer", "MonoFormerPipeline"]
+    assert index["vae"][0] is None  # pixel space
+
+
+def test_shipped_checkpoint_grid_is_deterministic_for_a_seed(pipe):
+    a, b, c = sample(pipe, 0), sample(pipe, 0), sample(pipe, 1)
+    assert a.shape == (4, 28, 28, 1)
+    assert np.isfinite(a).all()
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 0.05
+    assert a.std() > 0.05  # not a constant image
+
+
+def test_shipped_checkpoint_loads_in_a_process_without_the_package():
+    code = (
+        "import sys; sys.modules['modeling_monoformer'] = None\n"  # any import of the package now fails
+        "import torch; from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(CHECKPOINT)!r}, trust_remote_code=True)\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "img = pipe('a photo of a bag', num_inference_steps=2, generator=torch.manual_seed(0), output_type='np')\n"
+        "print(type(pipe).__module__, img.images.shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not result.stdout.startswith("modeling_monoformer")  # the pipeline class came from the folder's code
+    assert "(1, 28, 28, 1)" in result.stdout
+
+
+def test_shipped_checkpoint_captions_and_writes_text(pipe):
+    require_fashion_mnist()
+    images, _ = recipe.load_fashion_mnist("test")
+    processor, model = pipe.processor, pipe.model
+    inputs = processor(text=["<image>"] * 2, image_sizes=[[(28, 28)]] * 2, padding_side="left")
+    out = model.generate(**inputs, latents=images[:2], max_new_tokens=6, do_sample=False)
+    captions = processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])
+    assert len(captions) == 2 and all(isinstance(c, str) and c.strip() for c in captions)
+    text = processor.tokenizer(["It is a truth"], return_tensors="pt")
+    out = model.generate(**text, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, text["input_ids"].shape[1] + 5)
+
+
+def test_caption_class_reads_the_longest_class_name_first():
+    assert recipe.caption_class("a photo of a t-shirt") == 0
+    assert recipe.caption_class("a grayscale photo of a shirt") == 6
+    assert recipe.caption_class("an ankle boot") == 9
+    assert recipe.caption_class("a photo of a cat") is None
+
+
+def test_missing_fashion_mnist_names_the_apt_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        recipe.load_fashion_mnist("train", str(tmp_path))
+
+
+def test_missing_austen_names_the_commands(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get download r-cran-janeaustenr"):
+        recipe.find_austen_dir(str(tmp_path))
+
+
+def test_recipe_runs_end_to_end_and_is_reproducible(tmp_path):
+    require_fashion_mnist()
+    tiny = [
+        "--subset", "64", "--max_steps", "3", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
+        "--vocab_size", "300", "--batch_size", "8", "--text_fraction", "0", "--sample_steps", "2",
+        "--warmup_steps", "1",
+    ]
+    summaries = [recipe.main(tiny + ["--output_dir", str(tmp_path / name)]) for name in ("a", "b")]
+    assert summaries[0]["steps"] == 3
+    histories = [json.loads((tmp_path / n / "loss_history.json").read_text()) for n in ("a", "b")]
+    for key in ("lm_loss", "diffusion_loss"):
+        assert [h[key] for h in histories[0]] == [h[key] for h in histories[1]]
+        assert all(np.isfinite(h[key]) for h in histories[0])
+    out = tmp_path / "a"
+    assert (out / "loss_curve.png").is_file() and list((out / "samples").glob("step-*.png"))
+    reloaded = DiffusionPipeline.from_pretrained(out / "pipeline", trust_remote_code=True)
+    reloaded.set_progress_bar_config(disable=True)
+    images = reloaded("a photo of a bag", num_inference_steps=2, generator=torch.manual_seed(0), output_type="np")
+    assert images.images.shape == (1, 28, 28, 1)
+
+
+def test_austen_loader_reads_the_novels_and_holds_out_persuasion():
+    train, test = recipe.load_austen_texts(split="train"), recipe.load_austen_texts(split="test")
+    assert len(train) > 5000 and len(test) > 500
+    assert all(40 <= len(p) <= 160 for p in train[:200])
+    assert not set(train) & set(test)
