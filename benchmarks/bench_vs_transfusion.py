@@ -23,7 +23,7 @@ Needs the benchmark extra: `pip install -e ".[peer]"` (transfusion-pytorch==0.20
 
     python benchmarks/bench_vs_transfusion.py [--rounds 3] [--threads N] [--modality_steps 32] [--batch_prompts 16]
 
-Expect about 5 minutes on 2 cores with the defaults (the peer's batched CFG row dominates when it has to loop).
+Expect about 10 minutes on 2 cores with the defaults (the batched CFG rows dominate; longer if the peer has to loop).
 """
 
 import argparse
