@@ -215,7 +215,7 @@ def build_model(args, tokenizer):
         sample_scheduler = FlowMatchEulerDiscreteScheduler.from_config(train_scheduler.config)
     else:
         train_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=args.prediction_type)
-        sample_scheduler = DDIMScheduler.from_config(train_scheduler.config)
+        sample_scheduler = DDIMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")  # start at t=999
     return model, processor, train_scheduler, sample_scheduler
 
 
