@@ -458,3 +458,22 @@ def test_push_to_hub_uploads_the_self_contained_folder(loaded_elsewhere):
         got, expected = loaded_elsewhere["images"][name], loaded_elsewhere["expected"][name]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert (loaded_elsewhere["hub"] / "user/monoformer-tiny/README.md").is_file()
+
+
+def test_guidance_channels_guides_only_the_first_channels(pipe, monkeypatch):
+    """`guidance_channels=3` reproduces the original release's DiT quirk: channel 3 comes from the conditional branch."""
+    seen = {}
+    real = MonoFormerPipeline.apply_guidance
+
+    def spy(self, model_output):
+        out = real(self, model_output)
+        seen["in"], seen["out"] = model_output.clone(), out.clone()
+        return out
+
+    monkeypatch.setattr(MonoFormerPipeline, "apply_guidance", spy)
+    generate(pipe, prompt="a coat", steps=1, guidance_scale=4.0, guidance_channels=3, output_type="latent")
+    uncond, cond = seen["in"][:, :4].chunk(2)
+    expected = torch.cat([uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+    torch.testing.assert_close(seen["out"], expected)
+    with pytest.raises(ValueError, match="guidance_channels"):
+        generate(pipe, prompt="a coat", steps=1, guidance_channels=5)
