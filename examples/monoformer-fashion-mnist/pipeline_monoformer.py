@@ -369,7 +369,9 @@ class MonoFormerPipeline(DiffusionPipeline):
         prediction, variance = model_output[:, :channels], model_output[:, channels:]
         if self.do_classifier_free_guidance:
             uncond, cond = prediction.chunk(2)
-            prediction = uncond + self.guidance_scale * (cond - uncond)
+            k = getattr(self, "_guidance_channels", channels)
+            guided = uncond[:, :k] + self.guidance_scale * (cond[:, :k] - uncond[:, :k])
+            prediction = torch.cat([guided, cond[:, k:]], dim=1)
             variance = variance.chunk(2)[1]
         if variance.shape[1] and getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCE_TYPES:
             return torch.cat([prediction, variance], dim=1)
@@ -416,6 +418,7 @@ class MonoFormerPipeline(DiffusionPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         use_prefix_cache: bool = True,
+        guidance_channels: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images from text.
@@ -438,6 +441,9 @@ class MonoFormerPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): Subset of `["latents"]`.
             use_prefix_cache (`bool`, defaults to `True`): Run the prompt once into a KV cache; `False` recomputes the
                 whole sequence at every step (same result, slower: for tests and benchmarks).
+            guidance_channels (`int`, *optional*): Guide only the first `guidance_channels` prediction channels; the
+                others come from the conditional branch. `3` reproduces the original MonoFormer/DiT sampler (recorded
+                as `guidance_channels` in `monoformer_original.json` by the converter). Default: every channel.
 
         Examples:
 
@@ -464,6 +470,12 @@ class MonoFormerPipeline(DiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        channels = self.model.config.latent_channels
+        if guidance_channels is not None and (
+            not isinstance(guidance_channels, int) or not 1 <= guidance_channels <= channels
+        ):
+            raise ValueError(f"`guidance_channels` must be an int in [1, {channels}], got {guidance_channels!r}.")
+        self._guidance_channels = guidance_channels or channels
         self._guidance_scale = guidance_scale
         self._interrupt = False
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
