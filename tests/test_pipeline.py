@@ -329,6 +329,8 @@ def test_scheduler_conventions_land_on_x0_with_an_oracle_model(pipe, monkeypatch
         ({}, DDPMScheduler(prediction_type="v_prediction"), "prediction_type"),
         ({}, DPMSolverMultistepScheduler(use_flow_sigmas=True), "scheduler"),
         ({}, DDPMScheduler(variance_type="learned_range"), "variance_type"),
+        (dict(guidance_start=0.8, guidance_stop=0.2), None, "guidance_start"),
+        (dict(guidance_stop=1.5), None, "guidance_stop"),
     ],
 )
 def test_bad_arguments_raise_before_any_compute(pipe, monkeypatch, kwargs, scheduler, match):
@@ -465,8 +467,8 @@ def test_guidance_channels_guides_only_the_first_channels(pipe, monkeypatch):
     seen = {}
     real = MonoFormerPipeline.apply_guidance
 
-    def spy(self, model_output):
-        out = real(self, model_output)
+    def spy(self, model_output, guided=None):
+        out = real(self, model_output, guided)
         seen["in"], seen["out"] = model_output.clone(), out.clone()
         return out
 
@@ -477,3 +479,36 @@ def test_guidance_channels_guides_only_the_first_channels(pipe, monkeypatch):
     torch.testing.assert_close(seen["out"], expected)
     with pytest.raises(ValueError, match="guidance_channels"):
         generate(pipe, prompt="a coat", steps=1, guidance_channels=5)
+
+
+def _count_latent_rows(pipe, monkeypatch) -> list[int]:
+    """Rows of every denoising call (model calls that carry latents)."""
+    rows = []
+    real = type(pipe.model).forward
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("latents") is not None:
+            rows.append(kwargs["latents"].shape[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.model), "forward", spy)
+    return rows
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_guidance_interval_guides_only_its_steps(pipe, monkeypatch, use_prefix_cache):
+    """Steps outside [start, stop) run the conditional rows alone (1 evaluation per image instead of 2)."""
+    kw = dict(prompt=PROMPTS, steps=4, guidance_scale=4.0, output_type="latent", use_prefix_cache=use_prefix_cache)
+    full = generate(pipe, **kw)
+    torch.testing.assert_close(generate(pipe, guidance_start=0.0, guidance_stop=1.0, **kw), full, rtol=0, atol=0)
+    rows = _count_latent_rows(pipe, monkeypatch)
+    partial = generate(pipe, guidance_start=0.25, guidance_stop=0.75, **kw)
+    n = len(PROMPTS)
+    assert rows == [n, 2 * n, 2 * n, n]  # steps 0 and 3 unguided
+    assert (partial - full).abs().max() > 1e-4
+    # no guided step at all = the conditional branch alone (guidance_scale 1), up to padding numerics
+    rows.clear()
+    none = generate(pipe, guidance_start=0.5, guidance_stop=0.5, **kw)
+    assert rows == [n] * 4
+    cond_only = generate(pipe, **{**kw, "guidance_scale": 1.0})
+    torch.testing.assert_close(none, cond_only, rtol=1e-4, atol=1e-5)
