@@ -38,8 +38,10 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=None, help="one prompt (default: one row per Fashion-MNIST class)")
     parser.add_argument("--per_prompt", type=int, default=8, help="images per prompt (grid columns)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20, help="FlowMatch Euler steps")
+    parser.add_argument("--steps", type=int, default=14, help="denoising steps of the checkpoint's scheduler")
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--guidance_start", type=float, default=0.0, help="first guided step, fraction of --steps")
+    parser.add_argument("--guidance_stop", type=float, default=1.0, help="end of the guided steps, fraction of --steps")
     parser.add_argument("--output", default="samples.png")
     parser.add_argument("--num_captions", type=int, default=8, help="test images to caption (0: skip)")
     parser.add_argument("--text_prompt", default="It is a truth universally acknowledged, that")
@@ -106,7 +108,8 @@ def main(argv=None):
     t0 = time.time()
     images = pipe(
         prompts, num_images_per_prompt=args.per_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed), output_type="np",
+        guidance_scale=args.guidance_scale, guidance_start=args.guidance_start, guidance_stop=args.guidance_stop,
+        generator=torch.Generator().manual_seed(args.seed), output_type="np",
     ).images
     labels = [p.removeprefix("a photo of ") for p in prompts]
     labelled_grid(images[..., 0], labels, args.per_prompt).save(args.output)

@@ -93,6 +93,18 @@ def test_shipped_checkpoint_captions_and_writes_text(pipe):
     assert out.shape == (1, text["input_ids"].shape[1] + 5)
 
 
+def test_generate_script_samples_with_the_recipe_defaults():
+    import generate
+
+    args = generate.parse_args([])
+    assert args.steps == recipe.SAMPLER_DEFAULTS["num_inference_steps"]
+    assert args.guidance_scale == recipe.SAMPLER_DEFAULTS["guidance_scale"]
+    assert (args.guidance_start, args.guidance_stop) == (
+        recipe.SAMPLER_DEFAULTS["guidance_start"], recipe.SAMPLER_DEFAULTS["guidance_stop"]
+    )
+    assert not recipe.parse_args(["--output_dir", "x"]).hflip  # Fashion-MNIST's shoes all face left
+
+
 def test_caption_class_reads_the_longest_class_name_first():
     assert recipe.caption_class("a photo of a t-shirt") == 0
     assert recipe.caption_class("a grayscale photo of a shirt") == 6
