@@ -37,10 +37,10 @@ def main():
     parser.add_argument("--minutes", type=float, default=2.0, help="training budget per configuration")
     parser.add_argument("--per_class", type=int, default=20)
     parser.add_argument("--num_captions", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
-    parser.add_argument("--model_args", default="--hidden_size 128 --num_layers 4 --num_heads 4",
-                        help="model size shared by every configuration")
+    parser.add_argument("--model_args", default="", help="extra training arguments shared by every configuration "
+                        "(default: the recipe's model, 192-d x 6 layers)")
     parser.add_argument("--only", nargs="*", help="subset of configuration names")
     args = parser.parse_args()
 
@@ -68,8 +68,8 @@ def main():
         print(f"{name}: {values}", flush=True)
 
     cols = ["steps", "class acc", "FD", "caption acc", "ppl"]
-    print(f"\nAblation: {args.minutes} min of training each, {args.model_args}; sampler: FlowMatch Euler / DDIM, "
-          f"{args.steps} steps, guidance {args.guidance_scale}, {args.per_class} samples per class")
+    print(f"\nAblation: {args.minutes} min of training each, {args.model_args or 'the recipe defaults'}; sampler: "
+          f"each run's saved scheduler (DPM-Solver++ on flow sigmas / DDIM), {args.steps} steps, guidance {args.guidance_scale}, {args.per_class} samples per class")
     print(f"| {'configuration':<28} | " + " | ".join(f"{c:>11}" for c in cols) + " |")
     print(f"|{'-' * 30}|" + "|".join("-" * 13 for _ in cols) + "|")
     for name, values in rows:
