@@ -362,12 +362,15 @@ class MonoFormerPipeline(DiffusionPipeline):
             context.cache.crop(-context.input_ids.shape[1])  # roll back to the prefix (5.x: negative count)
         return output.diffusion_output
 
-    def apply_guidance(self, model_output: torch.Tensor) -> torch.Tensor:
+    def apply_guidance(self, model_output: torch.Tensor, guided: bool | None = None) -> torch.Tensor:
         """Classifier-free guidance on the prediction channels; learned variance channels (`learn_sigma`) come from the
-        conditional branch and reach the scheduler only if its `variance_type` is learned."""
+        conditional branch and reach the scheduler only if its `variance_type` is learned. `guided=False`: the output
+        holds the conditional rows only (a step outside the guidance interval)."""
         channels = self.model.config.latent_channels
         prediction, variance = model_output[:, :channels], model_output[:, channels:]
-        if self.do_classifier_free_guidance:
+        if guided is None:
+            guided = self.do_classifier_free_guidance
+        if guided:
             uncond, cond = prediction.chunk(2)
             k = getattr(self, "_guidance_channels", channels)
             guided = uncond[:, :k] + self.guidance_scale * (cond[:, :k] - uncond[:, :k])
@@ -419,6 +422,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         use_prefix_cache: bool = True,
         guidance_channels: int | None = None,
+        guidance_start: float = 0.0,
+        guidance_stop: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images from text.
@@ -444,6 +449,12 @@ class MonoFormerPipeline(DiffusionPipeline):
             guidance_channels (`int`, *optional*): Guide only the first `guidance_channels` prediction channels; the
                 others come from the conditional branch. `3` reproduces the original MonoFormer/DiT sampler (recorded
                 as `guidance_channels` in `monoformer_original.json` by the converter). Default: every channel.
+            guidance_start (`float`, defaults to 0.0), guidance_stop (`float`, defaults to 1.0): Apply
+                classifier-free guidance only on the denoising steps in `[int(start * N), int(stop * N))` (fractions
+                of the N steps, as diffusers' `ClassifierFreeGuidance(start=, stop=)` guider); the other steps run the
+                conditional rows alone, so they cost one network evaluation per image instead of two. Guidance on
+                a limited interval of noise levels keeps the prompt adherence of CFG with less loss of diversity
+                (Kynkäänniemi et al., 2024).
 
         Examples:
 
@@ -476,6 +487,13 @@ class MonoFormerPipeline(DiffusionPipeline):
         ):
             raise ValueError(f"`guidance_channels` must be an int in [1, {channels}], got {guidance_channels!r}.")
         self._guidance_channels = guidance_channels or channels
+        for name, value in (("guidance_start", guidance_start), ("guidance_stop", guidance_stop)):
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be a fraction of the denoising steps in [0, 1], got {value!r}.")
+        if guidance_start > guidance_stop:
+            raise ValueError(
+                f"`guidance_start` ({guidance_start}) must not exceed `guidance_stop` ({guidance_stop})."
+            )
         self._guidance_scale = guidance_scale
         self._interrupt = False
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
@@ -501,21 +519,28 @@ class MonoFormerPipeline(DiffusionPipeline):
         # 4. Run the prefix once into the KV cache
         context = self.prepare_context(input_ids, attention_mask, n_image_tokens, use_prefix_cache)
 
-        # 5. Prepare timesteps
+        # 5. Prepare timesteps (and which steps are guided)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        first_guided, end_guided = int(guidance_start * len(timesteps)), int(guidance_stop * len(timesteps))
+        cond_context = None
+        if self.do_classifier_free_guidance and (first_guided > 0 or end_guided < len(timesteps)):
+            n = latents.shape[0]  # unconditional rows come first: the conditional ones alone for unguided steps
+            cond_context = self.prepare_context(input_ids[n:], attention_mask[n:], n_image_tokens, use_prefix_cache)
 
         # 6. Denoising loop
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                guided = self.do_classifier_free_guidance and first_guided <= i < end_guided
+                model_input = torch.cat([latents] * 2) if guided else latents
                 if hasattr(self.scheduler, "scale_model_input"):  # Euler scales by sigma; FlowMatch has none
                     model_input = self.scheduler.scale_model_input(model_input, t)
-                model_output = self.apply_guidance(self.predict(context, model_input, t))
+                step_context = context if guided or cond_context is None else cond_context
+                model_output = self.apply_guidance(self.predict(step_context, model_input, t), guided)
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
