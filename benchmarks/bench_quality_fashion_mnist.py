@@ -56,6 +56,7 @@ from torch import nn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+from timing import count_forward_calls  # noqa: E402
 from train_fashion_mnist import (  # noqa: E402
     CLASS_NAMES, SAMPLE_PROMPT_TEMPLATE, SAMPLER_DEFAULTS, caption_class, load_austen_texts, load_fashion_mnist,
 )
@@ -184,32 +185,24 @@ def sample_ours(pipe, per_class: int, steps: int, guidance: float, interval=(0.0
 
     `interval`: the guided fraction of the steps (`guidance_start`, `guidance_stop`); NFE counts the rows of every
     denoising call (2 per image on guided steps, 1 elsewhere)."""
-    rows = 0
-    forward = pipe.model.forward
-
-    def counting(*a, **k):
-        nonlocal rows
-        if k.get("latents") is not None:
-            rows += k["latents"].shape[0]
-        return forward(*a, **k)
-
-    pipe.model.forward = counting
     # checkpoints saved before the guidance interval existed carry a pipeline without these arguments
     interval_kw = {} if tuple(interval) == (0.0, 1.0) else {"guidance_start": interval[0], "guidance_stop": interval[1]}
     images, labels = [], []
     t0 = time.time()
-    for c, name in enumerate(CLASS_NAMES):
-        for start in range(0, per_class, batch):
-            n = min(batch, per_class - start)
-            out = pipe(
-                SAMPLE_PROMPT_TEMPLATE.format(name), num_images_per_prompt=n, num_inference_steps=steps, **interval_kw,
-                guidance_scale=guidance, generator=torch.Generator().manual_seed(1000 * c + start), output_type="pt",
-            ).images  # (n, 1, 28, 28) in [0, 1]
-            images.append(out.float() * 2 - 1)
-            labels += [c] * n
+    rows_of = lambda args, kwargs: 0 if kwargs.get("latents") is None else kwargs["latents"].shape[0]  # noqa: E731
+    with count_forward_calls(pipe.model, rows_of) as rows:
+        for c, name in enumerate(CLASS_NAMES):
+            for start in range(0, per_class, batch):
+                n = min(batch, per_class - start)
+                out = pipe(
+                    SAMPLE_PROMPT_TEMPLATE.format(name), num_images_per_prompt=n, num_inference_steps=steps,
+                    guidance_scale=guidance, generator=torch.Generator().manual_seed(1000 * c + start),
+                    output_type="pt", **interval_kw,
+                ).images  # (n, 1, 28, 28) in [0, 1]
+                images.append(out.float() * 2 - 1)
+                labels += [c] * n
     seconds = time.time() - t0
-    del pipe.model.forward
-    nfe = rows / len(labels)
+    nfe = rows[0] / len(labels)
     return {"images": torch.cat(images), "labels": torch.tensor(labels), "s_per_image": seconds / len(labels),
             "nfe": nfe}
 
@@ -300,18 +293,9 @@ def train_peer(train, minutes: float, batch: int, lr: float, seed: int, args) ->
 def sample_peer(peer, per_class: int, guidance: float, grid_points: int) -> dict:
     from modeling_monoformer.modeling_monoformer import unpatchify
 
-    calls = 0
-    forward = peer.transformer.forward
-
-    def counting(*a, **k):
-        nonlocal calls
-        calls += 1
-        return forward(*a, **k)
-
-    peer.transformer.forward = counting
     images, labels = [], []
     t0 = time.time()
-    try:
+    with count_forward_calls(peer.transformer) as calls:
         with torch.no_grad():
             for c in range(10):
                 torch.manual_seed(c)
@@ -322,11 +306,9 @@ def sample_peer(peer, per_class: int, guidance: float, grid_points: int) -> dict
                     latent = next(part for part in out if not torch.is_tensor(part)).tensor  # (7, 7, 16)
                     images.append(unpatchify(latent.reshape(1, 49, 16), 28, 28, 4).clamp(-1, 1))
                     labels.append(c)
-    finally:
-        del peer.transformer.forward
     seconds = time.time() - t0
     return {"images": torch.cat(images), "labels": torch.tensor(labels), "s_per_image": seconds / len(labels),
-            "nfe": calls / len(labels)}
+            "nfe": calls[0] / len(labels)}
 
 
 # ---------------------------------------------------------------------------------------------------------- report

@@ -42,7 +42,7 @@ from modeling_monoformer import (
     MonoFormerProcessor,
 )
 from modeling_monoformer.modeling_monoformer import patchify
-from timing import interleaved
+from timing import count_forward_calls, interleaved
 
 VOCAB = 1000
 
@@ -157,20 +157,9 @@ def peer_sample_kwargs(args) -> dict:
 
 def count_peer_nfe(peer, prompt, args) -> int:
     """Transformer calls of one unguided `sample_one`: the solver's network evaluations."""
-    calls = 0
-    forward = peer.transformer.forward
-
-    def counting(*a, **k):
-        nonlocal calls
-        calls += 1
-        return forward(*a, **k)
-
-    peer.transformer.forward = counting
-    try:
+    with count_forward_calls(peer.transformer) as calls:
         peer.sample_one(prompt, cfg_scale=1.0, **peer_sample_kwargs(args))
-    finally:
-        del peer.transformer.forward  # back to the class method
-    return calls
+    return calls[0]
 
 
 def peer_batched_sampler(peer, prompts, args):

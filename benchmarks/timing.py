@@ -1,5 +1,6 @@
-"""Shared timing helper: interleave the paths being compared, report the minimum and median of several rounds."""
+"""Shared timing helpers: interleave the paths being compared (minimum and median of several rounds); count calls."""
 
+import contextlib
 import statistics
 import time
 
@@ -25,3 +26,21 @@ def interleaved(fns: dict, rounds: int = 7, warmup: int = 2) -> dict:
 
 def header(title: str) -> None:
     print(f"\n{title}\n(torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu)")
+
+
+@contextlib.contextmanager
+def count_forward_calls(module, weight=lambda args, kwargs: 1):
+    """Count `module.forward` calls inside the block: yields a one-item list, the running sum of `weight(args, kwargs)`
+    over the calls (1 each by default: network evaluations). The class's `forward` is restored on exit."""
+    total = [0]
+    forward = module.forward
+
+    def counting(*args, **kwargs):
+        total[0] += weight(args, kwargs)
+        return forward(*args, **kwargs)
+
+    module.forward = counting
+    try:
+        yield total
+    finally:
+        del module.forward
