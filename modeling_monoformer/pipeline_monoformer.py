@@ -373,8 +373,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         if guided:
             uncond, cond = prediction.chunk(2)
             k = getattr(self, "_guidance_channels", channels)
-            guided = uncond[:, :k] + self.guidance_scale * (cond[:, :k] - uncond[:, :k])
-            prediction = torch.cat([guided, cond[:, k:]], dim=1)
+            guided_part = uncond[:, :k] + self.guidance_scale * (cond[:, :k] - uncond[:, :k])
+            prediction = torch.cat([guided_part, cond[:, k:]], dim=1)
             variance = variance.chunk(2)[1]
         if variance.shape[1] and getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCE_TYPES:
             return torch.cat([prediction, variance], dim=1)
