@@ -379,6 +379,11 @@ def push_to_hub(folder, repo_id, token=None, private=False, commit_message="Uplo
     return repo_id
 
 
+def running_names(values) -> str:
+    """`loss 1.2345, lm 0.1234, diffusion 1.1111` (a part the model did not return is left out)."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in zip(("loss", "lm", "diffusion"), values) if v is not None)
+
+
 def list_checkpoints(output_dir) -> list[tuple[int, str]]:
     if not os.path.isdir(output_dir):
         return []
@@ -609,13 +614,18 @@ def main(argv=None):
             steps_this_run += 1
             values = [None if math.isnan(v) else v for v in running.tolist()]
             running.zero_()
+            if values[0] is None or math.isinf(values[0]):  # the same gathered value on every process
+                raise FloatingPointError(
+                    f"The loss is not finite at step {global_step} ({running_names(values)}): training diverged. "
+                    "Lower `--learning_rate` (or raise `--lr_warmup_steps`) and resume from the last checkpoint "
+                    "with `--resume_from_checkpoint latest`."
+                )
             history.append({"step": global_step, "loss": values[0], "lm_loss": values[1],
                             "diffusion_loss": values[2], "lr": lr_scheduler.get_last_lr()[0]})
             progress.update(1)
             progress.set_postfix(loss=f"{values[0]:.4f}")
             if args.logging_steps and global_step % args.logging_steps == 0:
-                logger.info(f"step {global_step}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in zip(("loss", "lm", "diffusion"), values) if v is not None))
+                logger.info(f"step {global_step}: {running_names(values)}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(global_step)
             if args.validation_steps and global_step % args.validation_steps == 0:

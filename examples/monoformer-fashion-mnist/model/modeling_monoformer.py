@@ -483,6 +483,10 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # `Trainer` must average `loss` over accumulated micro-batches itself: its token-count path (`num_items_in_batch`)
+    # skips that division, which is right for a token-summed LM loss but would scale the per-batch diffusion mean by
+    # the accumulation steps and the number of processes.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MonoFormerConfig):
         super().__init__(config)
@@ -605,8 +609,15 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
             if input_ids is not None and self.config.image_token_id is not None:
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             full_logits = logits if logits.shape[1] == labels.shape[1] else self.lm_head(hidden)
+            # A sum over the predicted tokens divided by their count (at least 1): the usual mean, and a counted zero
+            # (not NaN) for a batch that predicts no text, e.g. only prompt-dropped images on a tokenizer without BOS.
+            num_items = loss_kwargs.pop("num_items_in_batch", None)
+            if num_items is None:
+                num_items = (labels[..., 1:] != loss_kwargs.get("ignore_index", -100)).sum()
+            num_items = num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1)
             lm_loss = self.loss_function(
-                logits=full_logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
+                logits=full_logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items, **loss_kwargs,
             )
         if diffusion_target is not None:
             diffusion_loss = self.diffusion_loss_function(diffusion_output, diffusion_target)
