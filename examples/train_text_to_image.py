@@ -64,6 +64,9 @@ logger = get_logger(__name__, log_level="INFO")
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TEMPORARY_RE = re.compile(r"^(checkpoint-\d+|pipeline|adapter)\.tmp$")
+OPTIMISATION_FLAGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+                      "adam_weight_decay", "adam_epsilon", "max_grad_norm")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -317,6 +320,22 @@ def summarise_losses(history: list[dict]) -> dict:
     return out
 
 
+def portable_path(path: str) -> str:
+    """A path as a model card may show it: absolute paths (this machine's) shortened to their last two parts."""
+    if not path or not os.path.isabs(path):
+        return path
+    return os.path.join(*pathlib.PurePath(os.path.normpath(path)).parts[-2:])
+
+
+def describe_learning_rates(settings: list[dict], last_step: int) -> str:
+    """`0.001`, or `0.003 (steps 1-4), 0.001 (steps 5-8)` when a resumed run changed it."""
+    rates = [(s["from_step"], s["learning_rate"]) for s in settings]
+    if len({lr for _, lr in rates}) == 1:
+        return f"{rates[0][1]}"
+    ends = [start - 1 for start, _ in rates[1:]] + [last_step]
+    return ", ".join(f"{lr} (steps {start}-{end})" for (start, lr), end in zip(rates, ends))
+
+
 def write_model_card(folder, info: dict) -> str:
     """README.md for the trained pipeline: base LLM, data, steps, losses, how to load."""
     from huggingface_hub import ModelCard
@@ -324,7 +343,8 @@ def write_model_card(folder, info: dict) -> str:
     losses = "\n".join(
         f"| {k} | {first:.4f} | {last:.4f} |" for k, (first, last) in info["losses"].items()
     ) or "| - | - | - |"
-    base_model_meta = f"base_model: {info['base_llm']}\n" if re.fullmatch(r"[\w.-]+/[\w.-]+", info["base_llm"]) else ""
+    hub_id = info.get("base_llm_hub_id")
+    base_model_meta = f"base_model: {hub_id}\n" if hub_id and re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) else ""
     method = f"LoRA (rank {info['lora_rank']}, merged)" if info["lora_rank"] else "full fine-tune"
     content = f"""---
 library_name: diffusers
@@ -388,8 +408,74 @@ def list_checkpoints(output_dir) -> list[tuple[int, str]]:
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), os.path.join(output_dir, name))
-             for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name))]
+             for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(
+                 os.path.join(output_dir, name))]
     return sorted(found)
+
+
+def remove_stale_temporaries(output_dir) -> list[str]:
+    """Delete what a killed run left half-written (`checkpoint-<N>.tmp/`, `pipeline.tmp/`, `adapter.tmp/`): a later
+    save must never reuse, and carry over, a partial file."""
+    if not os.path.isdir(output_dir):
+        return []
+    stale = sorted(name for name in os.listdir(output_dir) if TEMPORARY_RE.match(name))
+    for name in stale:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return stale
+
+
+def move_aside_newer_checkpoints(output_dir, step: int) -> str | None:
+    """Checkpoints after `step` belong to a run this one abandons (it resumed from an older checkpoint, or started
+    afresh): left in place, `--checkpoints_total_limit` would delete the new checkpoints first and a later
+    `--resume_from_checkpoint latest` would silently go back to the abandoned run. Move them into
+    `abandoned-<time>/` and return that folder (None when there were none)."""
+    newer = [path for s, path in list_checkpoints(output_dir) if s > step]
+    if not newer:
+        return None
+    folder = os.path.join(output_dir, "abandoned-" + time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(folder, exist_ok=True)
+    for path in newer:
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    return folder
+
+
+def replace_folder(tmp: str, final: str) -> None:
+    """Put a fully written `tmp` folder at `final` (a crash at any point leaves the old folder or the new one)."""
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def optimisation_settings(args) -> dict:
+    """The flags that shape optimisation; a checkpoint records them so a resumed run can say what changed."""
+    return {name: getattr(args, name) for name in OPTIMISATION_FLAGS}
+
+
+def apply_optimisation_settings(optimizer, lr_scheduler, args) -> None:
+    """Put the command line's optimiser hyper-parameters in place of the ones `load_state` restored.
+
+    The learning-rate schedule's shape (`--lr_scheduler`, `--lr_warmup_steps`) always follows the command line (its
+    functions are rebuilt, not saved); its base rate and AdamW's betas, weight decay and epsilon come back with the
+    optimizer state, so they are set here, and the current rate is recomputed at the restored schedule position.
+    """
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    schedule.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group.update(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                     eps=args.adam_epsilon, initial_lr=args.learning_rate)
+        group["lr"] = args.learning_rate * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def check_checkpoint_files(path: str, process_index: int) -> None:
+    """Raise if a file this process needs from the checkpoint is missing or unreadable (accelerate skips a missing
+    RNG state silently, which would make the resumed run draw different random numbers)."""
+    from accelerate.utils import load
+
+    for name in ("loss_history.json", "training_state.json", f"random_states_{process_index}.pkl"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{name} is missing")
+    load(os.path.join(path, f"random_states_{process_index}.pkl"))
 
 
 def check_sequence_lengths(records, latents, processor, config):
@@ -527,36 +613,83 @@ def main(argv=None):
 
     # ---- resume
     global_step, first_epoch, skip_batches, history = 0, 0, 0, []
+    settings = [{"from_step": 1, **optimisation_settings(args)}]  # what each stretch of steps was trained with
+
+    def load_checkpoint(path) -> bool:
+        """Load `path` on every process; False (each reason logged) if any process could not."""
+        error = None
+        try:
+            check_checkpoint_files(path, accelerator.process_index)
+            accelerator.load_state(path)
+        except Exception as err:  # a truncated or missing file: "latest" falls back to the previous checkpoint
+            error = err
+            logger.warning(f"Cannot resume from {path}: {type(err).__name__}: {err}", main_process_only=False)
+        failed = accelerator.gather(torch.tensor([float(error is not None)], device=accelerator.device)).sum()
+        return failed.item() == 0
+
     if args.resume_from_checkpoint:
         if args.resume_from_checkpoint == "latest":
-            found = list_checkpoints(args.output_dir)
-            path = found[-1][1] if found else None
+            candidates = [path for _, path in reversed(list_checkpoints(args.output_dir))]
+            if not candidates:
+                logger.info("No checkpoint in the output folder: starting from the base model.")
         else:
-            path = args.resume_from_checkpoint
-        if path is None:
-            logger.info("No checkpoint in the output folder: starting from the base model.")
-        else:
-            match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-            if not os.path.isdir(path) or match is None:
-                raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint-<step> folder.")
-            accelerator.load_state(path)
-            global_step = int(match.group(1))
-            with open(os.path.join(path, "loss_history.json")) as f:
+            candidates = [args.resume_from_checkpoint]
+            if not os.path.isdir(candidates[0]) or not CHECKPOINT_RE.match(os.path.basename(os.path.normpath(
+                    candidates[0]))):
+                raise ValueError(f"`--resume_from_checkpoint` {candidates[0]!r} is not a checkpoint-<step> folder.")
+        resumed = None
+        for i, path in enumerate(candidates):
+            if load_checkpoint(path):
+                resumed = path
+                break
+            if i + 1 < len(candidates):
+                logger.warning(f"Falling back to the previous checkpoint, {candidates[i + 1]}.")
+        if candidates and resumed is None:
+            raise ValueError(
+                f"`--resume_from_checkpoint {args.resume_from_checkpoint}`: no loadable checkpoint "
+                f"({', '.join(os.path.basename(c) for c in candidates)}; the reasons are logged above). Pass an "
+                "intact checkpoint folder, or drop the flag to start from the base model."
+            )
+        if resumed is not None:
+            global_step = int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resumed))).group(1))
+            with open(os.path.join(resumed, "loss_history.json")) as f:
                 history = json.load(f)
+            with open(os.path.join(resumed, "training_state.json")) as f:
+                settings = json.load(f)["optimisation"]
+            current = optimisation_settings(args)
+            changed = [f"--{k} {v} (checkpoint: {settings[-1].get(k)})" for k, v in current.items()
+                       if settings[-1].get(k) != v]
+            if changed:
+                apply_optimisation_settings(optimizer, lr_scheduler, args)
+                settings.append({"from_step": global_step + 1, **current})
+                logger.warning(f"Resuming with changed settings, used from step {global_step + 1}: {', '.join(changed)}.")
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-            logger.info(f"Resumed from {path} at step {global_step}")
+            logger.info(f"Resumed from {resumed} at step {global_step}")
+    if accelerator.is_main_process:
+        stale = remove_stale_temporaries(args.output_dir)
+        if stale:
+            logger.warning(f"Removed what an interrupted run left half-written: {', '.join(stale)}.")
+        abandoned = move_aside_newer_checkpoints(args.output_dir, global_step)
+        if abandoned:
+            logger.warning(
+                f"Checkpoints after step {global_step} belong to an abandoned (or unreadable) run: moved them to "
+                f"{abandoned} so that they are neither resumed nor counted by --checkpoints_total_limit. Delete the "
+                "folder once you no longer need it."
+            )
+    accelerator.wait_for_everyone()
 
     def save_checkpoint(step):
         final = os.path.join(args.output_dir, f"checkpoint-{step}")
         tmp = final + ".tmp"
         accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
         if accelerator.is_main_process:
             with open(os.path.join(tmp, "loss_history.json"), "w") as f:
                 json.dump(history, f)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # a crash while saving never damages the previous checkpoints
+            with open(os.path.join(tmp, "training_state.json"), "w") as f:
+                json.dump({"optimisation": settings}, f)
+            replace_folder(tmp, final)  # a crash while saving never damages the previous checkpoints
             if args.checkpoints_total_limit:
                 for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
                     shutil.rmtree(old)
@@ -576,8 +709,10 @@ def main(argv=None):
                      args.num_inference_steps, args.guidance_scale, seed=args.seed)
         if ema is not None:
             ema.restore(params)
-        with open(os.path.join(args.output_dir, "loss_history.json"), "w") as f:
+        history_file = os.path.join(args.output_dir, "loss_history.json")
+        with open(history_file + ".tmp", "w") as f:
             json.dump(history, f)
+        os.replace(history_file + ".tmp", history_file)
         if not plot_losses(history, os.path.join(args.output_dir, "loss_curve.png")):
             logger.warning("matplotlib is not installed: no loss_curve.png (pip install matplotlib).")
 
@@ -646,37 +781,45 @@ def main(argv=None):
         if ema is not None:
             ema.copy_to(params)
         if args.lora_rank:
-            unwrapped.save_pretrained(os.path.join(args.output_dir, "adapter"))
+            adapter_dir = os.path.join(args.output_dir, "adapter")
+            unwrapped.save_pretrained(adapter_dir + ".tmp")
+            replace_folder(adapter_dir + ".tmp", adapter_dir)
             final_model = unwrapped.merge_and_unload()
         else:
             final_model = unwrapped
         if args.gradient_checkpointing:
             final_model.activation_checkpointing_disable()
         final_model.eval()
+        sizes = {tuple(x.shape[-2:]) for x in latents}
+        if len(sizes) == 1 and len({*next(iter(sizes))}) == 1:  # one square size: the pipeline's default
+            final_model.config.sample_size = next(iter(sizes))[0]
         pipeline_dir = os.path.join(args.output_dir, "pipeline")
-        build_pipeline(final_model, vae, noise_scheduler, processor).save_pretrained(pipeline_dir)
+        build_pipeline(final_model, vae, noise_scheduler, processor).save_pretrained(pipeline_dir + ".tmp")
         text_config = config.text_config
+        base_llm = (getattr(text_config, "_name_or_path", "") or getattr(config, "_name_or_path", "")
+                    or args.pretrained_model_name_or_path)
         info = {
+            "base_llm_hub_id": None if os.path.exists(base_llm) else base_llm,
             "name": args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)),
-            "base_llm": getattr(text_config, "_name_or_path", "") or getattr(config, "_name_or_path", "")
-            or args.pretrained_model_name_or_path,
+            "base_llm": portable_path(base_llm),
             "llm_type": text_config.model_type,
             "num_params": sum(p.numel() for p in final_model.parameters()),
-            "base_checkpoint": args.pretrained_model_name_or_path,
-            "data": args.train_data_dir or args.train_data_file,
+            "base_checkpoint": portable_path(args.pretrained_model_name_or_path),
+            "data": portable_path(args.train_data_dir or args.train_data_file),
             "num_images": len(records),
             "num_text": dataset.num_text,
             "steps": global_step,
             "global_batch": global_batch,
-            "learning_rate": args.learning_rate,
+            "learning_rate": describe_learning_rates(settings, global_step),
             "prediction_type": config.prediction_type,
             "scheduler": type(noise_scheduler).__name__,
             "lora_rank": args.lora_rank,
             "losses": summarise_losses(history),
-            "repo_or_path": args.hub_model_id or pipeline_dir,
+            "repo_or_path": args.hub_model_id or portable_path(pipeline_dir),
             "example_prompt": prompts[0].replace('"', "'") if prompts else "a photo",
         }
-        write_model_card(pipeline_dir, info)
+        write_model_card(pipeline_dir + ".tmp", info)
+        replace_folder(pipeline_dir + ".tmp", pipeline_dir)
         result["pipeline_dir"] = pipeline_dir
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))

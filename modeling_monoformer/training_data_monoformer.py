@@ -19,6 +19,7 @@ This module is only needed for training; it does not travel with checkpoints.
 
 import hashlib
 import json
+import logging
 import os
 import random
 
@@ -28,10 +29,33 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
+logger = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading image-caption records
 # ----------------------------------------------------------------------------------------------------------------------
+def check_jsonl(path: str, caption_column: str) -> None:
+    """Read a JSONL file line by line before `datasets` does, so that a bad line is reported by file and 1-based line
+    number (pyarrow names neither) and a caption that is not a string is refused (pyarrow cannot mix the types)."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}): {line.strip()[:80]!r}.") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {line.strip()[:80]!r}.")
+            caption = row.get(caption_column)
+            if caption is not None and not isinstance(caption, str):
+                raise ValueError(
+                    f"{path}, line {number}: the caption {caption_column!r} is {caption!r} "
+                    f"({type(caption).__name__}); write it as a string, e.g. {json.dumps(str(caption))}."
+                )
+
+
 def load_image_caption_records(
     train_data_dir: str | None = None,
     train_data_file: str | None = None,
@@ -57,11 +81,13 @@ def load_image_caption_records(
                 f"`--train_data_dir` {train_data_dir!r} has no metadata.jsonl: write one line per image, "
                 '{"file_name": "0001.png", "text": "a caption"}.'
             )
+        check_jsonl(os.path.join(train_data_dir, "metadata.jsonl"), caption_column)
         dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train")
         base_dir = train_data_dir
     else:
         if not os.path.isfile(train_data_file):
             raise ValueError(f"`--train_data_file` {train_data_file!r} does not exist.")
+        check_jsonl(train_data_file, caption_column)
         dataset = load_dataset("json", data_files=train_data_file, split="train")
         base_dir = os.path.dirname(os.path.abspath(train_data_file))
 
@@ -76,7 +102,7 @@ def load_image_caption_records(
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
 
-    records = []
+    records, uncaptioned = [], 0
     for i, row in enumerate(dataset):
         image = row[image_column]
         path = image.get("path") if isinstance(image, dict) else image
@@ -87,11 +113,18 @@ def load_image_caption_records(
         if not os.path.isfile(path):
             raise ValueError(f"Row {i} of {source!r}: image file {path!r} does not exist.")
         caption = row[caption_column]
-        if caption is None:
+        if caption is None or not str(caption).strip():
             caption = ""
+            uncaptioned += 1
         records.append({"text": str(caption), "image_path": path})
     if not records:
         raise ValueError(f"{source!r} holds no image-caption pairs.")
+    if uncaptioned:
+        logger.warning(
+            f"{uncaptioned} of {len(records)} images in {source!r} have an empty, null or missing caption "
+            f"({caption_column!r}): they train as unconditional samples, like prompts dropped for classifier-free "
+            "guidance. Fill in the captions if that is not what you want."
+        )
     return records
 
 
@@ -184,8 +217,12 @@ def encode_images(
         key = _fingerprint(records, image_processor, vae, {"unit": unit, "channels": config.latent_channels})
         cache_file = os.path.join(cache_dir, f"latents-{key}.safetensors")
         if os.path.isfile(cache_file):
-            stored = load_file(cache_file)
-            return [stored[str(i)] for i in range(len(records))]
+            try:
+                stored = load_file(cache_file)
+                return [stored[str(i)] for i in range(len(records))]
+            except Exception as err:  # truncated or foreign file: the images are still there to encode again
+                logger.warning(f"The latent cache {cache_file} is unreadable ({type(err).__name__}: {err}); it will "
+                               "be rebuilt from the images.")
 
     pixels = [image_to_tensor(r["image_path"], image_processor, unit) for r in records]
     if vae is None:

@@ -108,3 +108,189 @@ def test_trainer_logs_the_mean_model_loss_like_the_script(assets, tmp_path):
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert logged == [pytest.approx(expected, rel=1e-4)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Checkpoints of an abandoned future never win
+# ----------------------------------------------------------------------------------------------------------------------
+def checkpoint_names(out: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint"))
+
+
+def test_resume_from_an_older_checkpoint_moves_the_abandoned_ones_aside(assets, tmp_path):
+    out = tmp_path / "out"
+    train.main(script_args(assets, out, "--checkpointing_steps", "1", steps=3))
+    assert checkpoint_names(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    old_3 = (out / "checkpoint-3" / "model.safetensors").read_bytes()
+    # go back to step 1 with other settings, keep one checkpoint, stop at step 2 (as a kill would)
+    train.main(script_args(assets, out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
+                           "--resume_from_checkpoint", str(out / "checkpoint-1"), "--cfg_dropout", "0.5", steps=2))
+    assert checkpoint_names(out) == ["checkpoint-2"]  # the new run's, not the abandoned run's checkpoint-3
+    (abandoned,) = out.glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert (abandoned / "checkpoint-3" / "model.safetensors").read_bytes() == old_3
+    resumed = train.main(script_args(assets, out, "--resume_from_checkpoint", "latest", steps=2))
+    assert resumed["global_step"] == 2  # "latest" is the new run's step 2, not the abandoned step 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Optimisation flags changed on resume are applied, said, and recorded
+# ----------------------------------------------------------------------------------------------------------------------
+def test_learning_rate_changed_on_resume_is_applied_and_recorded(assets, tmp_path, caplog):
+    out = tmp_path / "out"
+    train.main(script_args(assets, out, "--checkpointing_steps", "2", steps=2))  # --learning_rate 3e-3
+    args = script_args(assets, out, "--resume_from_checkpoint", "latest", "--adam_weight_decay", "0.1", steps=4)
+    args[args.index("--learning_rate") + 1] = "1e-3"
+    with caplog.at_level("WARNING"):
+        result = train.main(args)
+    assert [h["lr"] for h in result["history"]] == [3e-3, 3e-3, 1e-3, 1e-3]
+    assert "--learning_rate 0.001 (checkpoint: 0.003)" in caplog.text and "--adam_weight_decay 0.1" in caplog.text
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "learning rate 0.003 (steps 1-2), 0.001 (steps 3-4)" in card
+
+
+def test_adam_settings_changed_on_resume_reach_the_optimizer(assets, tmp_path):
+    out = tmp_path / "out"
+    train.main(script_args(assets, out, "--checkpointing_steps", "1", steps=1))
+    train.main(script_args(assets, out, "--resume_from_checkpoint", "latest", "--adam_weight_decay", "0.5",
+                           "--adam_beta1", "0.5", "--adam_epsilon", "1e-6", "--checkpointing_steps", "2", steps=2))
+    (group,) = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)["param_groups"]
+    assert (group["weight_decay"], group["betas"][0], group["eps"]) == (0.5, 0.5, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 10. A half-written folder of a killed run is never carried into a new save
+# ----------------------------------------------------------------------------------------------------------------------
+def test_stale_temporary_folders_of_a_killed_run_are_removed(assets, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-2.tmp").mkdir(parents=True)
+    (out / "checkpoint-2.tmp" / ".model.safetensors.partial").write_bytes(b"\0" * 1024)
+    (out / "pipeline" / "model").mkdir(parents=True)
+    (out / "pipeline" / "model" / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 1024)
+    (out / "pipeline.tmp" / "model").mkdir(parents=True)
+    train.main(script_args(assets, out, "--checkpointing_steps", "2", steps=2))
+    assert not (out / "checkpoint-2" / ".model.safetensors.partial").exists()
+    assert not list(out.glob("*.tmp"))
+    assert not (out / "pipeline" / "model" / "model-00002-of-00002.safetensors").exists()
+    assert (out / "pipeline" / "model" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 12. A damaged newest checkpoint falls back to the previous one; a damaged latent cache is rebuilt
+# ----------------------------------------------------------------------------------------------------------------------
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(assets, tmp_path, caplog):
+    out = tmp_path / "out"
+    straight = train.main(script_args(assets, tmp_path / "straight", steps=4))
+    train.main(script_args(assets, out, "--checkpointing_steps", "2", steps=4))
+    optimizer = out / "checkpoint-4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        resumed = train.main(script_args(assets, out, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "2",
+                                         steps=4))
+    assert "Cannot resume from" in caplog.text and "checkpoint-4" in caplog.text
+    assert "Falling back to the previous checkpoint" in caplog.text
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]  # checkpoint-4 rewritten by the resumed run
+    (abandoned,) = out.glob("abandoned-*")
+    assert (abandoned / "checkpoint-4" / "optimizer.bin").stat().st_size == 100
+
+
+def test_missing_rng_state_is_not_resumed_silently(assets, tmp_path, caplog):
+    """accelerate skips a missing `random_states_<rank>.pkl` without a word; the resumed run would then draw other
+    noise than the interrupted one."""
+    out = tmp_path / "out"
+    train.main(script_args(assets, out, "--checkpointing_steps", "1", steps=2))
+    (out / "checkpoint-2" / "random_states_0.pkl").unlink()
+    with caplog.at_level("WARNING"):
+        resumed = train.main(script_args(assets, out, "--resume_from_checkpoint", "latest", steps=2))
+    assert "random_states_0.pkl is missing" in caplog.text and resumed["global_step"] == 2
+    (abandoned,) = out.glob("abandoned-*")
+    with pytest.raises(ValueError, match="no loadable checkpoint"):
+        train.main(script_args(assets, out, "--resume_from_checkpoint", str(abandoned / "checkpoint-2"), steps=2))
+
+
+def test_truncated_latent_cache_is_named_and_rebuilt(assets, tmp_path, caplog):
+    config = MonoFormerForConditionalGeneration.config_class.from_pretrained(assets["pixel"])
+    records = load_image_caption_records(train_data_dir=str(assets["images"]))
+    processor = MonoFormerImageProcessor(num_channels=3)
+    first = encode_images(records, processor, config, cache_dir=str(tmp_path))
+    (cache,) = tmp_path.glob("latents-*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:50])
+    with caplog.at_level("WARNING"):
+        again = encode_images(records, processor, config, cache_dir=str(tmp_path))
+    assert cache.name in caplog.text and "rebuilt" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert encode_images(records, processor, config, cache_dir=str(tmp_path))[0].shape == first[0].shape
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 11. Under DDP the checkpoint is renamed only once every process has written its part
+# ----------------------------------------------------------------------------------------------------------------------
+SLOW_RANK_1 = """
+import runpy, sys, time
+import accelerate
+save_state = accelerate.Accelerator.save_state
+def slow_save_state(self, *args, **kwargs):
+    if self.process_index == 1:
+        time.sleep(3)  # rank 1 is late with its RNG state
+    return save_state(self, *args, **kwargs)
+accelerate.Accelerator.save_state = slow_save_state
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_two_process_checkpoint_holds_every_rank_state(assets, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_finetune import REPO, SCRIPT, free_port
+
+    wrapper = tmp_path / "slow_rank_1.py"
+    wrapper.write_text(SLOW_RANK_1)
+    out = tmp_path / "out"
+    args = script_args(assets, out, "--checkpointing_steps", "1", steps=1)
+    args[args.index("--train_batch_size") + 1] = "2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(wrapper), str(SCRIPT), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = {p.name for p in (out / "checkpoint-1").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "loss_history.json"} <= files
+    assert not list(out.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 9. Bad metadata lines name the file and line; uncaptioned images are counted
+# ----------------------------------------------------------------------------------------------------------------------
+def test_bad_metadata_line_names_the_file_and_line(tmp_path):
+    folder = make_imagefolder(tmp_path / "images", n=4)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    (folder / "metadata.jsonl").write_text("\n".join(lines[:2] + ['{"file_name": "002.png", "text": "a red'] + lines[3:]))
+    with pytest.raises(ValueError, match=r"metadata\.jsonl, line 3: not valid JSON"):
+        load_image_caption_records(train_data_dir=str(folder))
+    rows = [json.loads(line) for line in lines]
+    rows[1]["text"] = 7
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"metadata\.jsonl, line 2: the caption 'text' is 7 \(int\); write it as a str"):
+        load_image_caption_records(train_data_dir=str(folder))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a", "image": "images/000.png"}\n\n{"text": "b" "image": "images/001.png"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl, line 3: not valid JSON"):
+        load_image_caption_records(train_data_file=str(data))
+
+
+def test_uncaptioned_images_are_counted_in_one_warning(tmp_path, caplog):
+    folder = make_imagefolder(tmp_path / "images", n=4)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"], rows[1]["text"] = "", None
+    del rows[2]["text"]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        records = load_image_caption_records(train_data_dir=str(folder))
+    assert [r["text"] for r in records] == ["", "", "", rows[3]["text"]]
+    warnings = [r.getMessage() for r in caplog.records if "unconditional" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("3 of 4 images")
