@@ -55,6 +55,7 @@ import zlib
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.guiders import ClassifierFreeGuidance
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -244,6 +245,15 @@ def class_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.nda
     return (grid * 255).round().astype(np.uint8)
 
 
+def tuned_guider(args) -> ClassifierFreeGuidance:
+    """The recipe's guidance, saved with the pipeline so that `pipe(prompt)` samples as the model card reports."""
+    return ClassifierFreeGuidance(
+        guidance_scale=args.guidance_scale,
+        start=SAMPLER_DEFAULTS["guidance_start"],
+        stop=SAMPLER_DEFAULTS["guidance_stop"],
+    )
+
+
 def sample_class_grid(pipe, per_class: int, steps: int, guidance_scale: float, seed: int, **kwargs) -> np.ndarray:
     """One row per class, `per_class` samples each, as a uint8 grid (deterministic for `seed`)."""
     prompts = [SAMPLE_PROMPT_TEMPLATE.format(n) for n in CLASS_NAMES]
@@ -352,7 +362,10 @@ def main(argv=None):
         processor, train_scheduler, args.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed
     )
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    sample_pipe = MonoFormerPipeline(model=ema, vae=None, scheduler=sample_scheduler, processor=processor)
+    sample_pipe = MonoFormerPipeline(
+        model=ema, vae=None, scheduler=sample_scheduler, processor=processor, guider=tuned_guider(args),
+        default_num_inference_steps=args.sample_steps,
+    )
     sample_pipe.set_progress_bar_config(disable=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -447,7 +460,10 @@ def main(argv=None):
     print(json.dumps(summary, indent=2))
 
     ema.to(getattr(torch, args.save_dtype))
-    pipe = MonoFormerPipeline(model=ema, vae=None, scheduler=sample_scheduler, processor=processor)
+    pipe = MonoFormerPipeline(
+        model=ema, vae=None, scheduler=sample_scheduler, processor=processor, guider=tuned_guider(args),
+        default_num_inference_steps=args.sample_steps,
+    )
     pipe.save_pretrained(os.path.join(args.output_dir, "pipeline"))
     print(f"saved the EMA pipeline to {os.path.join(args.output_dir, 'pipeline')}")
     return summary

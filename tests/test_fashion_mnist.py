@@ -65,6 +65,22 @@ def test_shipped_checkpoint_grid_is_deterministic_for_a_seed(pipe):
     assert a.std() > 0.05  # not a constant image
 
 
+def test_shipped_checkpoint_call_defaults_are_its_tuned_sampler(pipe):
+    """`pipe(prompt)` with no sampler arguments is, bit for bit, the call the README's numbers were measured with."""
+    defaults = recipe.SAMPLER_DEFAULTS
+    guider = pipe.guider.config
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.config.default_num_inference_steps == defaults["num_inference_steps"]
+    assert (guider.guidance_scale, guider.start, guider.stop) == (
+        defaults["guidance_scale"], defaults["guidance_start"], defaults["guidance_stop"]
+    )
+    prompts = ["a photo of an ankle boot", "a photo of a bag"]
+    kw = dict(num_images_per_prompt=2, output_type="np")
+    plain = pipe(prompts, generator=torch.manual_seed(0), **kw).images
+    tuned = pipe(prompts, generator=torch.manual_seed(0), **defaults, **kw).images
+    np.testing.assert_array_equal(plain, tuned)
+
+
 def test_shipped_checkpoint_loads_in_a_process_without_the_package():
     code = (
         "import sys; sys.modules['modeling_monoformer'] = None\n"  # any import of the package now fails
@@ -139,6 +155,10 @@ def test_recipe_runs_end_to_end_and_is_reproducible(tmp_path):
     assert (out / "loss_curve.png").is_file() and list((out / "samples").glob("step-*.png"))
     reloaded = DiffusionPipeline.from_pretrained(out / "pipeline", trust_remote_code=True)
     reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.config.default_num_inference_steps == 2  # --sample_steps
+    assert (reloaded.guider.config.start, reloaded.guider.config.stop) == (
+        recipe.SAMPLER_DEFAULTS["guidance_start"], recipe.SAMPLER_DEFAULTS["guidance_stop"]
+    )
     images = reloaded("a photo of a bag", num_inference_steps=2, generator=torch.manual_seed(0), output_type="np")
     assert images.images.shape == (1, 28, 28, 1)
 

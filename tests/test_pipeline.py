@@ -18,6 +18,13 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
+from diffusers.guiders import (
+    AdaptiveProjectedGuidance,
+    AutoGuidance,
+    ClassifierFreeGuidance,
+    ClassifierFreeZeroStarGuidance,
+    PerturbedAttentionGuidance,
+)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
@@ -375,10 +382,12 @@ LOAD_SCRIPT = textwrap.dedent(
     for name, folder in folders.items():
         pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(prompts, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+        sampler = {} if name == "tuned" else {"num_inference_steps": 2}  # "tuned": the saved sampler defaults
+        images = pipe(prompts, generator=torch.manual_seed(0), output_type="np", **sampler).images
         np.save(f"{out}/{name}.npy", images)
         report[name] = [type(pipe).__module__, type(pipe.model).__module__, type(pipe.processor).__module__,
-                        type(pipe.scheduler).__name__]
+                        type(pipe.scheduler).__name__, type(pipe.guider).__name__, dict(pipe.guider.config),
+                        pipe.config.default_num_inference_steps]
     print(json.dumps(report))
     """
 )
@@ -409,11 +418,27 @@ def loaded_elsewhere(tmp_path_factory):
     pipe.save_pretrained(root / "saved")
     pixel_pipe = make_pipe(pixel_space=True, num_channels=1, latent_channels=1)  # vae=None, grayscale
     pixel_pipe.save_pretrained(root / "pixel")
+    tuned_guider = ClassifierFreeGuidance(guidance_scale=3.0, start=0.25, stop=0.75)
+    tuned = MonoFormerPipeline(**{**pipe.components, "guider": tuned_guider}, default_num_inference_steps=4)
+    tuned.set_progress_bar_config(disable=True)
+    tuned.save_pretrained(root / "tuned")
+    # a folder saved before guiders were components: no guider entry, no default step count
+    __import__("shutil").copytree(root / "saved", root / "legacy")
+    __import__("shutil").rmtree(root / "legacy" / "guider")
+    index = json.loads((root / "legacy" / "model_index.json").read_text())
+    del index["guider"], index["default_num_inference_steps"]
+    (root / "legacy" / "model_index.json").write_text(json.dumps(index))
 
     expected = dict.fromkeys(("saved", "pushed", "save_pushed"), generate(pipe, output_type="np"))
     expected["pixel"] = generate(pixel_pipe, output_type="np")
+    expected["legacy"] = expected["saved"]
+    expected["tuned"] = generate(
+        pipe, steps=4, guidance_scale=3.0, guidance_start=0.25, guidance_stop=0.75, output_type="np"
+    )
     folders = {
         "saved": str(root / "saved"),
+        "tuned": str(root / "tuned"),
+        "legacy": str(root / "legacy"),
         "pixel": str(root / "pixel"),
         "pushed": str(hub / "user/monoformer-tiny"),
         "save_pushed": str(hub / "user/monoformer-tiny-2"),
@@ -437,9 +462,12 @@ def test_saved_folder_is_self_contained(loaded_elsewhere):
     assert index["model"] == ["modeling_monoformer", "MonoFormerForConditionalGeneration"]
     assert index["processor"] == ["processing_monoformer", "MonoFormerProcessor"]
     assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
+    assert index["guider"] == ["diffusers", "ClassifierFreeGuidance"]
+    assert index["default_num_inference_steps"] == 50
     for path in ["pipeline_monoformer.py", "model/modeling_monoformer.py", "model/configuration_monoformer.py",
                  "model/model.safetensors", "processor/processing_monoformer.py",
-                 "processor/image_processing_monoformer.py", "vae/config.json", "scheduler/scheduler_config.json"]:
+                 "processor/image_processing_monoformer.py", "vae/config.json", "scheduler/scheduler_config.json",
+                 "guider/guider_config.json"]:
         assert (saved / path).is_file(), path
 
 
@@ -512,3 +540,96 @@ def test_guidance_interval_guides_only_its_steps(pipe, monkeypatch, use_prefix_c
     assert rows == [n] * 4
     cond_only = generate(pipe, **{**kw, "guidance_scale": 1.0})
     torch.testing.assert_close(none, cond_only, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Guidance as a diffusers guider component
+# ----------------------------------------------------------------------------------------------------------------------
+def test_saved_guider_and_step_count_are_the_call_defaults_in_a_fresh_process(loaded_elsewhere):
+    """`pipe(prompt)` without sampler arguments runs the saved guider (scale, interval) and the saved step count."""
+    _, _, _, _, guider_name, guider_config, steps = loaded_elsewhere["report"]["tuned"]
+    assert guider_name == "ClassifierFreeGuidance" and steps == 4
+    assert (guider_config["guidance_scale"], guider_config["start"], guider_config["stop"]) == (3.0, 0.25, 0.75)
+    np.testing.assert_array_equal(loaded_elsewhere["images"]["tuned"], loaded_elsewhere["expected"]["tuned"])
+
+
+def test_folder_saved_without_a_guider_loads_the_old_call_defaults(loaded_elsewhere):
+    _, _, _, _, guider_name, guider_config, steps = loaded_elsewhere["report"]["legacy"]
+    assert (guider_name, guider_config["guidance_scale"], guider_config["start"], steps) == (
+        "ClassifierFreeGuidance", 4.0, 0.0, 50
+    )
+    np.testing.assert_allclose(loaded_elsewhere["images"]["legacy"], loaded_elsewhere["expected"]["legacy"], atol=1e-5)
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_guider_interval_equals_the_guidance_start_stop_arguments(use_prefix_cache, monkeypatch):
+    pipe = make_pipe()
+    kw = dict(prompt=PROMPTS, steps=4, output_type="latent", use_prefix_cache=use_prefix_cache)
+    by_kwargs = generate(pipe, guidance_scale=4.0, guidance_start=0.25, guidance_stop=0.75, **kw)
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=4.0, start=0.25, stop=0.75)
+    rows = _count_latent_rows(pipe, monkeypatch)
+    by_guider = generate(pipe, **kw)
+    torch.testing.assert_close(by_guider, by_kwargs, rtol=0, atol=0)
+    n = len(PROMPTS)
+    assert rows == [n, 2 * n, 2 * n, n]  # the unguided steps still cost one evaluation per image
+
+
+def test_guider_reproduces_the_hand_written_cfg_formula(monkeypatch):
+    """The default guider is `uncond + s * (cond - uncond)` on every step, bit for bit."""
+    pipe = make_pipe()
+    outputs = []
+    real_predict = MonoFormerPipeline.predict
+
+    def spy(self, context, latents, t):
+        out = real_predict(self, context, latents, t)
+        outputs.append(out)
+        return out
+
+    steps = []
+    real_step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda out, *a, **k: steps.append(out) or real_step(out, *a, **k))
+    monkeypatch.setattr(MonoFormerPipeline, "predict", spy)
+    generate(pipe, steps=3, guidance_scale=2.5, output_type="latent")
+    assert len(outputs) == len(steps) == 3
+    for raw, guided in zip(outputs, steps):
+        uncond, cond = raw.chunk(2)
+        torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), rtol=0, atol=0)
+
+
+def test_explicit_arguments_override_the_guider_for_one_call_only():
+    pipe = make_pipe()
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=4.0, start=0.25, stop=0.75)
+    kw = dict(prompt=PROMPTS, steps=4, output_type="latent")
+    overridden = generate(pipe, guidance_scale=2.0, **kw)
+    assert pipe.guidance_scale == 2.0 and pipe.guider.guidance_scale == 4.0
+    assert (pipe.guider.config.start, pipe.guider.config.stop) == (0.25, 0.75)
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=2.0, start=0.25, stop=0.75)
+    torch.testing.assert_close(generate(pipe, **kw), overridden, rtol=0, atol=0)
+    # guidance_scale <= 1 and an empty interval both turn guidance off, as before guiders
+    off = generate(pipe, guidance_scale=1.0, **kw)
+    torch.testing.assert_close(generate(pipe, guidance_start=0.5, guidance_stop=0.5, **kw), off, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "guider",
+    [
+        AdaptiveProjectedGuidance(guidance_scale=4.0, adaptive_projected_guidance_momentum=-0.5),
+        ClassifierFreeZeroStarGuidance(guidance_scale=4.0, start=0.25, stop=0.75),
+    ],
+)
+def test_other_two_prediction_guiders_swap_in_with_one_line(guider):
+    pipe = make_pipe()
+    cfg = generate(pipe, steps=4, guidance_scale=4.0, output_type="latent")
+    pipe.guider = guider
+    swapped = generate(pipe, steps=4, output_type="latent")
+    assert torch.isfinite(swapped).all() and (swapped - cfg).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("guider", [PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), AutoGuidance(auto_guidance_layers=[0], dropout=0.1)])
+def test_guiders_needing_more_than_two_batched_predictions_are_refused(guider):
+    pipe = make_pipe()
+    with pytest.raises(TypeError, match="guider"):
+        pipe.guider = guider
+        pipe("a coat", num_inference_steps=1)
+    with pytest.raises(TypeError, match="guider"):
+        MonoFormerPipeline(**{**pipe.components, "guider": guider})

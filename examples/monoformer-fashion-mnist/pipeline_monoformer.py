@@ -6,6 +6,7 @@ import installed libraries only: no import from the `modeling_monoformer` packag
 
 import inspect
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any, Callable
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.guiders.guider_utils import BaseGuidance
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -24,6 +27,9 @@ from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# Guiders that combine one conditional and one unconditional prediction run on the cached, batched denoising step.
+GUIDER_PREDICTIONS = ("pred_cond", "pred_uncond")
+DEFAULT_GUIDANCE_SCALE = 4.0
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -74,6 +80,28 @@ def check_scheduler_matches(scheduler, prediction_type: str) -> None:
         )
 
 
+def check_guider(guider) -> None:
+    """Raise a `TypeError` unless `guider` is a `diffusers.guiders` guider this pipeline can run.
+
+    The pipeline evaluates the conditional and unconditional rows as one batch against the prefix cache, so it runs
+    guiders that combine exactly those two predictions without hooks on the model; guiders that need a perturbed
+    third pass (perturbed-attention, skip-layer, smoothed-energy) or a hooked model (auto-guidance) are refused.
+    """
+    if not isinstance(guider, BaseGuidance):
+        raise TypeError(
+            f"`guider` must be a `diffusers.guiders` guider (e.g. `ClassifierFreeGuidance(guidance_scale=4.0)`), got "
+            f"{type(guider).__name__}."
+        )
+    hooked = type(guider).prepare_models is not BaseGuidance.prepare_models
+    if tuple(guider._input_predictions) != GUIDER_PREDICTIONS or hooked:
+        raise TypeError(
+            f"`guider` {type(guider).__name__} needs predictions {guider._input_predictions}"
+            f"{' from a hooked model' if hooked else ''}; MonoFormerPipeline computes `pred_cond` and `pred_uncond` "
+            "in one batched pass. Use ClassifierFreeGuidance, AdaptiveProjectedGuidance, "
+            "ClassifierFreeZeroStarGuidance, TangentialClassifierFreeGuidance or another two-prediction guider."
+        )
+
+
 @dataclass
 class MonoFormerDenoisingContext:
     """What each denoising step feeds the model besides the latents.
@@ -110,10 +138,20 @@ class MonoFormerPipeline(DiffusionPipeline):
             `pipe.scheduler = Scheduler.from_config(pipe.scheduler.config)`.
         processor ([`MonoFormerProcessor`]):
             Tokenizer + image processor; configured here for the model (`configure_for_model`).
+        guider ([`~diffusers.guiders.BaseGuidance`], *optional*):
+            How the conditional and unconditional predictions combine: any `diffusers.guiders` guider that takes
+            `pred_cond` and `pred_uncond` (`ClassifierFreeGuidance`, `AdaptiveProjectedGuidance`,
+            `ClassifierFreeZeroStarGuidance`, `TangentialClassifierFreeGuidance`, ...). Its `start`/`stop` select the
+            guided steps; the others run the conditional rows alone (one evaluation per image). Saved in the
+            pipeline folder (`guider/guider_config.json`). Default: `ClassifierFreeGuidance(guidance_scale=4.0)` on
+            every step. Swap it with `pipe.guider = AdaptiveProjectedGuidance(guidance_scale=4.0)`.
+        default_num_inference_steps (`int`, defaults to 50):
+            The step count of a call without `num_inference_steps`, saved in `model_index.json`; a checkpoint stores
+            the count it was tuned with, so that `pipe(prompt)` samples as its model card reports.
     """
 
     model_cpu_offload_seq = "model->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "guider"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -122,8 +160,17 @@ class MonoFormerPipeline(DiffusionPipeline):
         vae: AutoencoderKL | None,
         scheduler: SchedulerMixin,
         processor: ProcessorMixin,
+        guider: BaseGuidance | None = None,
+        default_num_inference_steps: int = 50,
     ):
         super().__init__()
+        if not isinstance(default_num_inference_steps, int) or default_num_inference_steps < 1:
+            raise ValueError(
+                f"`default_num_inference_steps` must be an integer >= 1, got {default_num_inference_steps!r}."
+            )
+        if guider is None:  # folders saved before guiders were components load with the old call default
+            guider = ClassifierFreeGuidance(guidance_scale=DEFAULT_GUIDANCE_SCALE)
+        check_guider(guider)
         config = model.config
         if vae is None and config.vae_scale_factor != 1:
             raise ValueError(
@@ -139,18 +186,21 @@ class MonoFormerPipeline(DiffusionPipeline):
                     f"`latent_channels`={config.latent_channels}."
                 )
         processor.configure_for_model(config)
-        self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor)
+        self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor, guider=guider)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
         self.vae_scale_factor = config.vae_scale_factor
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------------------------------------------ properties
     @property
     def guidance_scale(self) -> float:
-        return self._guidance_scale
+        """The scale of the guider running the current (or last) call."""
+        return self._call_guider.guidance_scale
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        """Whether any step of the current (or last) call is guided (the unconditional rows are encoded)."""
+        return any(self._guided_steps)
 
     @property
     def num_timesteps(self) -> int:
@@ -214,7 +264,7 @@ class MonoFormerPipeline(DiffusionPipeline):
                 )
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+        if guidance_scale is not None and (not isinstance(guidance_scale, (int, float)) or guidance_scale < 0):
             raise ValueError(
                 f"`guidance_scale` must be a number >= 0 (<= 1 disables classifier-free guidance), got "
                 f"{guidance_scale!r}."
@@ -362,20 +412,76 @@ class MonoFormerPipeline(DiffusionPipeline):
             context.cache.crop(-context.input_ids.shape[1])  # roll back to the prefix (5.x: negative count)
         return output.diffusion_output
 
+    def prepare_guider(
+        self, guidance_scale: float | None, guidance_start: float | None, guidance_stop: float | None
+    ) -> BaseGuidance:
+        """The guider of this call: `self.guider`, or a copy of it (`guider.new`) with the call's explicit
+        `guidance_scale` / `guidance_start` / `guidance_stop` applied; the component itself is left as it is.
+
+        A `guidance_scale <= 1` or an empty interval (`guidance_start == guidance_stop`) turns guidance off for the
+        call: every step runs the conditional rows alone.
+        """
+        check_guider(self.guider)  # `pipe.guider = ...` may have replaced it since __init__
+        for name, value in (("guidance_start", guidance_start), ("guidance_stop", guidance_stop)):
+            if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
+                raise ValueError(f"`{name}` must be a fraction of the denoising steps in [0, 1], got {value!r}.")
+        start = self.guider.config.get("start", 0.0) if guidance_start is None else guidance_start
+        stop = self.guider.config.get("stop", 1.0) if guidance_stop is None else guidance_stop
+        if start > stop:
+            raise ValueError(
+                f"`guidance_start` ({start}) must not exceed `guidance_stop` ({stop}) (either may come from the "
+                f"guider's config: start={self.guider.config.get('start')}, stop={self.guider.config.get('stop')})."
+            )
+        overrides = {}
+        if guidance_scale is not None:
+            overrides["guidance_scale"] = guidance_scale
+        empty = start == stop
+        if (guidance_start is not None or guidance_stop is not None) and not empty:
+            overrides.update(start=start, stop=stop)
+        disable = empty or (guidance_scale is not None and guidance_scale <= 1.0)
+        if not overrides and not disable:
+            return self.guider
+        guider_logger = logging.getLogger(type(self.guider).__module__.rsplit(".", 1)[0] + ".guider_utils")
+        level = guider_logger.level
+        guider_logger.setLevel(logging.ERROR)  # the "experimental" notice was already given for the component
+        try:
+            guider = self.guider.new(**overrides)
+        finally:
+            guider_logger.setLevel(level)
+        if disable:
+            guider.disable()
+        return guider
+
+    def guided_steps(self, guider: BaseGuidance, timesteps: torch.Tensor) -> list[bool]:
+        """Which steps the guider guides (two predictions per image) for this schedule."""
+        flags = []
+        for i, t in enumerate(timesteps):
+            guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
+            flags.append(guider.num_conditions > 1)
+        return flags
+
     def apply_guidance(self, model_output: torch.Tensor, guided: bool | None = None) -> torch.Tensor:
-        """Classifier-free guidance on the prediction channels; learned variance channels (`learn_sigma`) come from the
-        conditional branch and reach the scheduler only if its `variance_type` is learned. `guided=False`: the output
-        holds the conditional rows only (a step outside the guidance interval)."""
+        """Combine the rows of one step with the call's guider (its state set for the step).
+
+        `guided=True`: `model_output` holds the unconditional rows, then the conditional ones; the guider combines the
+        first `guidance_channels` prediction channels (the others come from the conditional branch). `guided=False`:
+        the conditional rows only (a step outside the guidance interval). Learned variance channels (`learn_sigma`)
+        come from the conditional branch and reach the scheduler only if its `variance_type` is learned.
+        """
+        guider = self._call_guider
+        if guided is None:
+            guided = guider.num_conditions > 1
         channels = self.model.config.latent_channels
         prediction, variance = model_output[:, :channels], model_output[:, channels:]
-        if guided is None:
-            guided = self.do_classifier_free_guidance
+        uncond, cond = prediction.chunk(2) if guided else (None, prediction)
         if guided:
-            uncond, cond = prediction.chunk(2)
-            k = getattr(self, "_guidance_channels", channels)
-            guided_part = uncond[:, :k] + self.guidance_scale * (cond[:, :k] - uncond[:, :k])
-            prediction = torch.cat([guided_part, cond[:, k:]], dim=1)
             variance = variance.chunk(2)[1]
+        k = getattr(self, "_guidance_channels", channels)
+        predictions = {"pred_cond": cond[:, :k], "pred_uncond": None if uncond is None else uncond[:, :k]}
+        states = guider.prepare_inputs({})  # one state per prediction the guider needs at this step
+        for state in states:
+            state.noise_pred = predictions[getattr(state, guider._identifier_key)]
+        prediction = torch.cat([guider(states).pred, cond[:, k:]], dim=1)
         if variance.shape[1] and getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCE_TYPES:
             return torch.cat([prediction, variance], dim=1)
         return prediction
@@ -408,8 +514,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 4.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -422,8 +528,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         use_prefix_cache: bool = True,
         guidance_channels: int | None = None,
-        guidance_start: float = 0.0,
-        guidance_stop: float = 1.0,
+        guidance_start: float | None = None,
+        guidance_stop: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images from text.
@@ -434,8 +540,11 @@ class MonoFormerPipeline(DiffusionPipeline):
                 just `<boi>`, the layout of the prompts dropped in training).
             height (`int`, *optional*), width (`int`, *optional*): Image size in pixels, multiples of
                 `patch_size * vae_scale_factor`; default `config.sample_size * vae_scale_factor`.
-            num_inference_steps (`int`, defaults to 50): Denoising steps.
-            guidance_scale (`float`, defaults to 4.0): CFG scale; `<= 1` runs the conditional branch alone.
+            num_inference_steps (`int`, *optional*): Denoising steps; default `pipe.config.default_num_inference_steps`
+                (the count the checkpoint was tuned with; 50 for a new pipeline).
+            guidance_scale (`float`, *optional*): Overrides the guider's `guidance_scale` for this call; `<= 1` runs
+                the conditional branch alone. Default: the guider's (`pipe.guider`, 4.0 unless the checkpoint saved
+                another).
             num_images_per_prompt (`int`, defaults to 1): Images per prompt.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Makes sampling deterministic.
             latents (`torch.Tensor`, *optional*): Initial noise, `(batch, C, height / f, width / f)`.
@@ -449,12 +558,17 @@ class MonoFormerPipeline(DiffusionPipeline):
             guidance_channels (`int`, *optional*): Guide only the first `guidance_channels` prediction channels; the
                 others come from the conditional branch. `3` reproduces the original MonoFormer/DiT sampler (recorded
                 as `guidance_channels` in `monoformer_original.json` by the converter). Default: every channel.
-            guidance_start (`float`, defaults to 0.0), guidance_stop (`float`, defaults to 1.0): Apply
-                classifier-free guidance only on the denoising steps in `[int(start * N), int(stop * N))` (fractions
-                of the N steps, as diffusers' `ClassifierFreeGuidance(start=, stop=)` guider); the other steps run the
-                conditional rows alone, so they cost one network evaluation per image instead of two. Guidance on
-                a limited interval of noise levels keeps the prompt adherence of CFG with less loss of diversity
-                (Kynkäänniemi et al., 2024).
+            guidance_start (`float`, *optional*), guidance_stop (`float`, *optional*): Override the guider's
+                `start`/`stop` for this call: guidance runs only on the denoising steps in `[int(start * N),
+                int(stop * N))` (fractions of the N steps, as diffusers' `ClassifierFreeGuidance(start=, stop=)`); the
+                other steps run the conditional rows alone, so they cost one network evaluation per image instead of
+                two. Guidance on a limited interval of noise levels keeps the prompt adherence of CFG with less loss of
+                diversity (Kynkäänniemi et al., 2024). Default: the guider's (every step unless the checkpoint saved
+                an interval).
+
+            Explicit `guidance_scale`, `guidance_start` and `guidance_stop` win over the guider's settings; the call
+            then runs a copy of the guider (`pipe.guider.new(...)`), so `pipe.guider` is left unchanged. Without them
+            the call runs `pipe.guider` as configured, which is how a saved checkpoint carries its tuned sampler.
 
         Examples:
 
@@ -462,6 +576,8 @@ class MonoFormerPipeline(DiffusionPipeline):
             [`ImagePipelineOutput`] or `tuple`: the images (first element of the tuple).
         """
         config = self.model.config
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
         height = height or config.sample_size * self.vae_scale_factor
         width = width or config.sample_size * self.vae_scale_factor
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -487,24 +603,23 @@ class MonoFormerPipeline(DiffusionPipeline):
         ):
             raise ValueError(f"`guidance_channels` must be an int in [1, {channels}], got {guidance_channels!r}.")
         self._guidance_channels = guidance_channels or channels
-        for name, value in (("guidance_start", guidance_start), ("guidance_stop", guidance_stop)):
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` must be a fraction of the denoising steps in [0, 1], got {value!r}.")
-        if guidance_start > guidance_stop:
-            raise ValueError(
-                f"`guidance_start` ({guidance_start}) must not exceed `guidance_stop` ({guidance_stop})."
-            )
-        self._guidance_scale = guidance_scale
+        self._call_guider = self.prepare_guider(guidance_scale, guidance_start, guidance_stop)
         self._interrupt = False
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         device = self._execution_device
 
-        # 2. Tokenize prompt (+ negative prompt) with the image block
+        # 2. Prepare timesteps and which of them the guider guides
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        self._guided_steps = self.guided_steps(self._call_guider, timesteps)
+
+        # 3. Tokenize prompt (+ negative prompt) with the image block
         input_ids, attention_mask, n_image_tokens = self.encode_prompt(
             prompt, negative_prompt, num_images_per_prompt, self.do_classifier_free_guidance, height, width, device
         )
 
-        # 3. Prepare latents
+        # 4. Prepare latents
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt,
             config.latent_channels,
@@ -516,18 +631,13 @@ class MonoFormerPipeline(DiffusionPipeline):
             latents,
         )
 
-        # 4. Run the prefix once into the KV cache
+        # 5. Run the prefix once into the KV cache (and the conditional rows alone for unguided steps)
         context = self.prepare_context(input_ids, attention_mask, n_image_tokens, use_prefix_cache)
 
-        # 5. Prepare timesteps (and which steps are guided)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
-        first_guided, end_guided = int(guidance_start * len(timesteps)), int(guidance_stop * len(timesteps))
         cond_context = None
-        if self.do_classifier_free_guidance and (first_guided > 0 or end_guided < len(timesteps)):
-            n = latents.shape[0]  # unconditional rows come first: the conditional ones alone for unguided steps
+        if self.do_classifier_free_guidance and not all(self._guided_steps):
+            n = latents.shape[0]  # unconditional rows come first
             cond_context = self.prepare_context(input_ids[n:], attention_mask[n:], n_image_tokens, use_prefix_cache)
 
         # 6. Denoising loop
@@ -535,7 +645,8 @@ class MonoFormerPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                guided = self.do_classifier_free_guidance and first_guided <= i < end_guided
+                self._call_guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
+                guided = self._guided_steps[i]
                 model_input = torch.cat([latents] * 2) if guided else latents
                 if hasattr(self.scheduler, "scale_model_input"):  # Euler scales by sigma; FlowMatch has none
                     model_input = self.scheduler.scale_model_input(model_input, t)
@@ -629,4 +740,4 @@ class MonoFormerPipeline(DiffusionPipeline):
             f.write("\n")
 
 
-__all__ = ["MonoFormerPipeline", "MonoFormerDenoisingContext", "check_scheduler_matches"]
+__all__ = ["MonoFormerPipeline", "MonoFormerDenoisingContext", "check_guider", "check_scheduler_matches"]
