@@ -1,14 +1,22 @@
 """MonoFormer configuration: a causal LLM's config plus the fields of the image/diffusion path."""
 
-from transformers import AutoConfig, PretrainedConfig
+from typing import Literal, get_args
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-TIMESTEP_CONDITIONING_MODES = ("adaln", "token", "add")
-IMAGE_POS_EMBED_TYPES = ("sincos_2d", "none")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+TimestepConditioning = Literal["adaln", "token", "add"]
+ImagePosEmbed = Literal["sincos_2d", "none"]
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
+# The allowed values as tuples, for argument parsers and error messages.
+TIMESTEP_CONDITIONING_MODES = get_args(TimestepConditioning)
+IMAGE_POS_EMBED_TYPES = get_args(ImagePosEmbed)
+PREDICTION_TYPES = get_args(PredictionType)
 
 
-class MonoFormerConfig(PretrainedConfig):
+@strict
+class MonoFormerConfig(PreTrainedConfig):
     r"""
     Configuration of a [`MonoFormerForConditionalGeneration`]: one decoder-only transformer (any causal LLM that
     `AutoModel` builds and that takes `inputs_embeds`, a 4D attention mask and `position_ids`) that predicts the next
@@ -62,18 +70,18 @@ class MonoFormerConfig(PretrainedConfig):
     model_type = "monoformer"
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
-    text_config: dict | PretrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
     latent_channels: int = 4
     patch_size: int = 2
     vae_scale_factor: int = 8
     sample_size: int = 32
-    timestep_conditioning: str = "adaln"
-    image_pos_embed: str = "sincos_2d"
+    timestep_conditioning: TimestepConditioning = "adaln"
+    image_pos_embed: ImagePosEmbed = "sincos_2d"
     learn_sigma: bool = False
-    prediction_type: str = "epsilon"
+    prediction_type: PredictionType = "epsilon"
     num_train_timesteps: int = 1000
-    lm_loss_weight: float = 1.0
-    diffusion_loss_weight: float = 1.0
+    lm_loss_weight: float | int = 1.0
+    diffusion_loss_weight: float | int = 1.0
     image_token_id: int | None = None
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
@@ -83,26 +91,23 @@ class MonoFormerConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-        self.validate_monoformer_fields()
 
-    def validate_monoformer_fields(self):
-        """Raise a `ValueError` naming the field for any value the model cannot run with."""
-        choices = {
-            "timestep_conditioning": TIMESTEP_CONDITIONING_MODES,
-            "image_pos_embed": IMAGE_POS_EMBED_TYPES,
-            "prediction_type": PREDICTION_TYPES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+    # `@strict` checks each field's type (and the `Literal` choices) and then runs every `validate_*` method.
+    def validate_positive_sizes(self):
+        """Sizes and scales are positive integers."""
         for name in ("latent_channels", "patch_size", "vae_scale_factor", "sample_size", "num_train_timesteps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+
+    def validate_sample_size(self):
+        """The default latent side is cut into whole patches."""
         if self.sample_size % self.patch_size:
             raise ValueError(
                 f"`sample_size` ({self.sample_size}) must be divisible by `patch_size` ({self.patch_size})."
             )
+
+    def validate_image_pos_embed(self):
+        """The 2D sin-cos embedding splits the hidden size in four (sin/cos x row/column)."""
         hidden = getattr(self.text_config, "hidden_size", None)
         if self.image_pos_embed == "sincos_2d" and hidden is not None and hidden % 4:
             raise ValueError(f"`image_pos_embed='sincos_2d'` needs a hidden size divisible by 4, got {hidden}.")

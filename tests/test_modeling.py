@@ -327,12 +327,6 @@ def test_wrong_timesteps_shape(llama):
         model(input_ids=ids, latents=torch.randn(1, 4, 4, 4), timesteps=torch.tensor([[1, 2]]))
 
 
-def test_too_long_sequence(llama):
-    model = wrap(llama)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(input_ids=torch.ones(1, 600, dtype=torch.long))
-
-
 def test_flash_attention_with_images_is_refused(llama):
     model = wrap(llama)
     model.config.text_config._attn_implementation = "flash_attention_2"  # no flash-attn on CPU: set the flag only
@@ -342,12 +336,17 @@ def test_flash_attention_with_images_is_refused(llama):
 
 
 def test_config_rejects_unknown_modes():
+    """`@strict` config (as every 5.x transformers config): `Literal` fields and `validate_*` methods."""
+    from huggingface_hub.errors import StrictDataclassError
+
     from modeling_monoformer import MonoFormerConfig
 
-    with pytest.raises(ValueError, match="timestep_conditioning"):
+    with pytest.raises(StrictDataclassError, match="timestep_conditioning"):
         MonoFormerConfig(timestep_conditioning="film")
-    with pytest.raises(ValueError, match="prediction_type"):
+    with pytest.raises(StrictDataclassError, match="prediction_type"):
         MonoFormerConfig(prediction_type="sample")
+    with pytest.raises(StrictDataclassError, match="sample_size"):
+        MonoFormerConfig(sample_size=31, patch_size=2)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2-hybrid"])
