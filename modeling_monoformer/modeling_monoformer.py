@@ -3,6 +3,9 @@
 Layout of a sequence: `... <boi> <image> x N <eoi> ...`. Every `<image>` placeholder is replaced by one latent patch
 token (`"token"` timestep mode: the first placeholder of each image becomes a timestep token). Attention is causal over
 the whole sequence plus bidirectional among the patch tokens of the same image; the LLM's 1D RoPE runs over everything.
+
+Images enter as a `(n, C, h, w)` tensor or a list of `(C, h, w)` tensors; `as_image_list` turns either into the one
+internal form (a list, one tensor per image) at the boundary and `like_latents` gives results back in the caller's form.
 """
 
 import os
@@ -10,20 +13,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_monoformer import MonoFormerConfig
-
-try:  # diffusers is a hard dependency of the package, optional for loaders that only read text
-    from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
-except ImportError:  # pragma: no cover - exercised only without diffusers
-    TimestepEmbedding = Timesteps = get_2d_sincos_pos_embed_from_grid = None
 
 logger = logging.get_logger(__name__)
 
@@ -121,13 +124,133 @@ def sincos_2d_pos_embed(embed_dim: int, grid_height: int, grid_width: int) -> to
     return get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Images: one internal form, placeholders, hybrid mask (module level, as Gemma3's mask helpers)
+# ----------------------------------------------------------------------------------------------------------------------
+def as_image_list(latents, config: MonoFormerConfig, name: str = "latents") -> list[torch.Tensor]:
+    """Validate images given as `(n, C, h, w)` or a list of `(C, h, w)` and return the internal form: a list of
+    `(C, h, w)` tensors (views of a stacked tensor, so nothing is copied)."""
+    p, c = config.patch_size, config.latent_channels
+    if isinstance(latents, torch.Tensor):
+        if latents.ndim != 4:
+            raise ValueError(
+                f"`{name}` must be a tensor of shape (n_images, {c}, h, w) or a list of (C, h, w) tensors, "
+                f"got a tensor of shape {tuple(latents.shape)}."
+            )
+        images = list(latents.unbind(0))
+    elif isinstance(latents, (list, tuple)):
+        if not all(isinstance(x, torch.Tensor) and x.ndim == 3 for x in latents):
+            raise TypeError(f"`{name}` given as a list must hold 3D tensors of shape (C, h, w), one per image.")
+        images = list(latents)
+    else:
+        raise TypeError(f"`{name}` must be a torch.Tensor or a list of tensors, got {type(latents).__name__}.")
+    for i, x in enumerate(images):
+        ci, h, w = x.shape
+        if ci != c:
+            raise ValueError(f"`{name}` image {i} has {ci} channels; this model expects `latent_channels`={c}.")
+        if h % p or w % p:
+            raise ValueError(
+                f"`{name}` image {i} is {h}x{w}, which `patch_size`={p} does not divide. Resize the image to a "
+                f"multiple of patch_size * vae_scale_factor = {p * config.vae_scale_factor} pixels."
+            )
+    return images
+
+
+def like_latents(per_image: list[torch.Tensor], latents) -> torch.Tensor | list[torch.Tensor]:
+    """Per-image results in the caller's form: stacked when `latents` was one tensor, else the list."""
+    return torch.stack(per_image) if isinstance(latents, torch.Tensor) else per_image
+
+
+def group_by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the tensors grouped by shape (first-seen order), so each distinct image size runs as one batch."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(tensors):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return list(groups.values())
+
+
+def get_image_block_ids(
+    placeholder_mask: torch.BoolTensor, tokens_per_image: list[int], num_extra_tokens: int = 0
+) -> torch.LongTensor:
+    """Block ids of the hybrid mask, `(B, L)`: `k` on the patch tokens of image `k`, `-1` elsewhere.
+
+    `placeholder_mask` marks every `<image>` placeholder; image `k` owns the `tokens_per_image[k]` placeholders that
+    follow image `k - 1` in row-major order. Its first `num_extra_tokens` (the `"token"`-mode timestep token) stay
+    causal, as in the original layout, so they get `-1`.
+    """
+    device = placeholder_mask.device
+    counts = torch.tensor(tokens_per_image, device=device)
+    image_ids = torch.repeat_interleave(torch.arange(len(tokens_per_image), device=device), counts)  # (sum T_i,)
+    starts = counts.cumsum(0) - counts
+    for k in range(num_extra_tokens):
+        image_ids[starts + k] = -1
+    block_ids = torch.full(placeholder_mask.shape, -1, dtype=torch.long, device=device)
+    block_ids[placeholder_mask] = image_ids
+    return block_ids
+
+
+def create_hybrid_attention_mask(
+    config: PreTrainedConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.LongTensor,
+    block_ids: torch.LongTensor,
+):
+    """Causal + bidirectional-per-image mask in the form the LLM body (built from `config`) takes: one 4D mask /
+    BlockMask, or, for bodies mixing full and sliding-window layers (Qwen2 `layer_types`), one mask per layer type.
+
+    `block_ids` `(B, L)` covers the new tokens only; it is padded with `-1` over the cached prefix (absolute kv index).
+    """
+    past_len = cache.get_seq_length() if cache is not None else 0
+    mask_kwargs = dict(
+        config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+        position_ids=position_ids, block_sequence_ids=F.pad(block_ids, (past_len, 0), value=-1),
+    )
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)} if "full_attention" in layer_types else {}
+        if "sliding_attention" in layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        if set(layer_types) - set(masks):
+            raise ValueError(f"Images are not supported with LLM layer types {sorted(set(layer_types))}.")
+        return masks["full_attention"] if set(masks) == {"full_attention"} else masks
+    if getattr(config, "sliding_window", None) is not None:  # Mistral: every layer slides
+        return create_sliding_window_causal_mask(**mask_kwargs)
+    return create_causal_mask(**mask_kwargs)
+
+
+def image_position_ids(
+    attention_mask: torch.Tensor | None, past_len: int, batch_size: int, seq_len: int, device
+) -> torch.LongTensor:
+    """Explicit `(B, L)` positions for a sequence with images: counted over the 2D `attention_mask` (left padding
+    skipped), else continuing the cached prefix. Explicit ids also keep `create_causal_mask` from reading the
+    sequence as several packed ones."""
+    if attention_mask is not None and attention_mask.ndim == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+    return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+
+
+def check_sequence_length(text_config: PreTrainedConfig, length: int, what: str = "The sequence") -> None:
+    """Refuse a sequence with images that runs past the LLM's trained positions (`max_position_embeddings`).
+
+    Text alone is never checked here (text in, text out is exactly the base LLM), and an LLM whose RoPE is scaled
+    (linear, dynamic, yarn, ...) decides its own context: only an unscaled RoPE has a hard trained range.
+    """
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    rope_type = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if max_positions is not None and rope_type == "default" and length > max_positions:
+        raise ValueError(
+            f"{what} is {length} tokens long, more than the LLM's `max_position_embeddings`={max_positions}: shorten "
+            "the text or use smaller images."
+        )
+
+
 class MonoFormerTimestepEmbedder(nn.Module):
     """Scalar timesteps -> (n, hidden): sinusoidal features (cos first, no shift, as DiT) and a 2-layer SiLU MLP."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        if Timesteps is None:
-            raise ImportError("MonoFormer's image path needs `diffusers`: `pip install diffusers`.")
         self.time_proj = Timesteps(TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.timestep_embedder = TimestepEmbedding(TIMESTEP_FREQ_DIM, hidden_size)
 
@@ -156,13 +279,11 @@ class MonoFormerFinalLayer(nn.Module):
 # Pretrained model base
 # ----------------------------------------------------------------------------------------------------------------------
 class MonoFormerPreTrainedModel(PreTrainedModel):
-    config_class = MonoFormerConfig
+    # `_no_split_modules` and `_skip_keys_device_placement` are collected from the LLM body by `post_init`.
     config: MonoFormerConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"]
-    _skip_keys_device_placement = "cache"
     _supports_flash_attn = True  # accepted for text; refused with a clear error once a sequence holds images
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -216,32 +337,6 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     # ---------------------------------------------------------------- input checks
-    def _check_latents(self, latents) -> list[torch.Tensor] | torch.Tensor:
-        """Validate `latents` (a 4D tensor or a list of 3D tensors) and return it unchanged."""
-        p, c = self.config.patch_size, self.config.latent_channels
-        if isinstance(latents, torch.Tensor):
-            if latents.ndim != 4:
-                raise ValueError(
-                    f"`latents` must be a tensor of shape (n_images, {c}, h, w) or a list of (C, h, w) tensors, "
-                    f"got a tensor of shape {tuple(latents.shape)}."
-                )
-            shapes = [tuple(latents.shape[1:])] * latents.shape[0]
-        elif isinstance(latents, (list, tuple)):
-            if not all(isinstance(x, torch.Tensor) and x.ndim == 3 for x in latents):
-                raise TypeError("`latents` given as a list must hold 3D tensors of shape (C, h, w), one per image.")
-            shapes = [tuple(x.shape) for x in latents]
-        else:
-            raise TypeError(f"`latents` must be a torch.Tensor or a list of tensors, got {type(latents).__name__}.")
-        for i, (ci, h, w) in enumerate(shapes):
-            if ci != c:
-                raise ValueError(f"`latents` image {i} has {ci} channels; this model expects `latent_channels`={c}.")
-            if h % p or w % p:
-                raise ValueError(
-                    f"`latents` image {i} is {h}x{w}, which `patch_size`={p} does not divide. Resize the image to a "
-                    f"multiple of patch_size * vae_scale_factor = {p * self.config.vae_scale_factor} pixels."
-                )
-        return latents
-
     def _check_timesteps(self, timesteps, n_images: int, device) -> torch.Tensor:
         if timesteps is None:  # clean context images
             return torch.zeros(n_images, device=device)
@@ -254,6 +349,29 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
                 f"`timesteps` must have shape ({n_images},), one per image in `latents`, got {tuple(timesteps.shape)}."
             )
         return timesteps.to(device)
+
+    def _check_image_inputs(self, input_ids: torch.LongTensor | None, latents, past_len: int) -> None:
+        """Refuse what cannot carry images: no `input_ids` to find placeholders in, no image token id, flash
+        attention (which would silently drop the bidirectional blocks), or placeholders without any latents."""
+        if latents is None:
+            if input_ids is not None and past_len == 0 and self.config.image_token_id is not None:
+                if bool((input_ids == self.config.image_token_id).any()):
+                    raise ValueError(
+                        "`input_ids` hold `<image>` placeholders but no `latents` were given: pass one latent per "
+                        "image."
+                    )
+            return
+        if input_ids is None:
+            raise ValueError("`latents` need `input_ids` to find the `<image>` placeholders, not `inputs_embeds`.")
+        if self.config.image_token_id is None:
+            raise ValueError("`config.image_token_id` is not set: build the model with `from_llm(...)`.")
+        attn_impl = self.config.text_config._attn_implementation or ""
+        if "flash" in attn_impl:
+            raise ValueError(
+                f"`attn_implementation={attn_impl!r}` cannot express MonoFormer's hybrid mask (bidirectional "
+                "inside each image) and would silently make images causal. Load the model with "
+                "`attn_implementation='sdpa'` (or 'eager' / 'flex_attention') for sequences with images."
+            )
 
     # ---------------------------------------------------------------- image tokens
     def get_pos_embed(self, grid_height: int, grid_width: int, device, dtype) -> torch.Tensor:
@@ -281,68 +399,58 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             tokens = torch.cat([t_token, tokens], dim=1)  # (n, 1 + T, D)
         return tokens
 
-    def _image_token_embeddings(self, latents, timestep_embeds) -> tuple[torch.Tensor, list[int]]:
-        """All images' placeholder embeddings concatenated in order: (sum_i T_i(+1), D), and the count per image."""
-        extra = self.config.tokens_per_image_extra
-        if isinstance(latents, torch.Tensor):
-            tokens = self.embed_images(latents, timestep_embeds)  # (n, T(+1), D)
-            return tokens.reshape(-1, tokens.shape[-1]), [tokens.shape[1]] * tokens.shape[0]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(latents):
-            groups.setdefault(tuple(x.shape), []).append(i)
-        per_image: list[torch.Tensor | None] = [None] * len(latents)
-        for indices in groups.values():  # one batched call per distinct size
-            tokens = self.embed_images(torch.stack([latents[i] for i in indices]), timestep_embeds[indices])
+    def get_image_features(
+        self,
+        latents: torch.Tensor | list[torch.Tensor],
+        timesteps: torch.Tensor | None = None,
+        timestep_embeds: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The embeddings that replace each image's `<image>` placeholders, one `(T_i(+1), D)` tensor per image.
+
+        Args:
+            latents (`torch.Tensor` `(n, C, h, w)` or list of `(C, h, w)`): The images' (noisy or clean) latents.
+            timesteps (`torch.Tensor` of shape `(n,)`, *optional*): Each image's timestep; `None` = clean (0).
+            timestep_embeds (`torch.Tensor` of shape `(n, D)`, *optional*): `t_embedder(timesteps)` when the caller
+                already has it (the forward reuses it for the diffusion head).
+        """
+        images = as_image_list(latents, self.config)
+        if timestep_embeds is None:
+            timesteps = self._check_timesteps(timesteps, len(images), images[0].device)
+            timestep_embeds = self.t_embedder(timesteps, self.x_embedder.weight.dtype)
+        per_image: list[torch.Tensor | None] = [None] * len(images)
+        for indices in group_by_shape(images):  # one batched call per distinct size
+            tokens = self.embed_images(torch.stack([images[i] for i in indices]), timestep_embeds[indices])
             for j, i in enumerate(indices):
                 per_image[i] = tokens[j]
-        counts = [t.shape[0] for t in per_image]
-        assert all(c > extra for c in counts)
-        return torch.cat(per_image, dim=0), counts
+        return per_image
 
-    def _locate_placeholders(self, input_ids: torch.LongTensor, counts: list[int]):
-        """Check each image owns a contiguous run of placeholders in one row; return flat indices and image ids."""
-        flat = (input_ids == self.config.image_token_id).reshape(-1).nonzero().squeeze(-1)  # (n_placeholders,)
-        expected = sum(counts)
-        if flat.numel() != expected:
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: list[torch.Tensor]) -> torch.BoolTensor:
+        """`(B, L)` mask of the `<image>` placeholders, checked against the features: as many placeholders as feature
+        rows, and each image's placeholders one contiguous run inside one row, in the order of the images."""
+        placeholder_mask = input_ids == self.config.image_token_id  # (B, L)
+        counts = [f.shape[0] for f in image_features]
+        positions = placeholder_mask.reshape(-1).nonzero().squeeze(-1)  # (n_placeholders,), row-major
+        if positions.numel() != sum(counts):
             raise ValueError(
-                f"`input_ids` hold {flat.numel()} `<image>` placeholders (id {self.config.image_token_id}) but "
-                f"`latents` need {expected} ({len(counts)} image(s): {counts}). Expand each image's placeholder with "
-                "the processor (`MonoFormerProcessor`) or `config.num_image_tokens(h, w)`."
+                f"`input_ids` hold {positions.numel()} `<image>` placeholders (id {self.config.image_token_id}) but "
+                f"`latents` need {sum(counts)} ({len(counts)} image(s): {counts}). Expand each image's placeholder "
+                "with the processor (`MonoFormerProcessor`) or `config.num_image_tokens(h, w)`."
             )
-        counts_t = torch.tensor(counts, device=flat.device)
+        counts_t = torch.tensor(counts, device=positions.device)
         ends = counts_t.cumsum(0) - 1
         starts = ends - counts_t + 1
         seq_len = input_ids.shape[1]
-        contiguous = (flat[ends] - flat[starts] == counts_t - 1) & (flat[starts] // seq_len == flat[ends] // seq_len)
-        if not bool(contiguous.all()):
+        same_row = positions[starts] // seq_len == positions[ends] // seq_len
+        if not bool(((positions[ends] - positions[starts] == counts_t - 1) & same_row).all()):
             raise ValueError(
                 "`input_ids`: the placeholders of each image must form one contiguous run inside one row, in the "
                 "order of `latents`; got runs that do not line up with the images' sizes."
             )
-        image_ids = torch.repeat_interleave(torch.arange(len(counts), device=flat.device), counts_t)
-        return flat, image_ids, starts
-
-    def _hybrid_mask(self, inputs_embeds, attention_mask, cache, position_ids, block_ids):
-        """Causal + bidirectional-per-image mask in the form the LLM body takes: one 4D mask / BlockMask, or, for
-        bodies mixing full and sliding-window layers (Qwen2 `layer_types`), a dict with one mask per layer type."""
-        config = self.language_model.config
-        kwargs = dict(
-            config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-            position_ids=position_ids, block_sequence_ids=block_ids,
-        )
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None:
-            masks = {"full_attention": create_causal_mask(**kwargs)} if "full_attention" in layer_types else {}
-            if "sliding_attention" in layer_types:
-                masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-            if set(layer_types) - set(masks):
-                raise ValueError(f"Images are not supported with LLM layer types {sorted(set(layer_types))}.")
-            return masks["full_attention"] if set(masks) == {"full_attention"} else masks
-        if getattr(config, "sliding_window", None) is not None:  # Mistral: every layer slides
-            return create_sliding_window_causal_mask(**kwargs)
-        return create_causal_mask(**kwargs)
+        return placeholder_mask
 
     # ---------------------------------------------------------------- forward
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -353,8 +461,10 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
-    ) -> MonoFormerModelOutputWithPast:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | MonoFormerModelOutputWithPast:
         r"""
         latents (`torch.Tensor` of shape `(n_images, C, h, w)` or a list of `(C, h, w)` tensors, *optional*):
             The (noisy or clean) latents of the images, in order of appearance over the flattened batch.
@@ -364,6 +474,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         Without images, every argument goes to the LLM body untouched, so text behaves exactly as the base LLM (which
         also means: no `position_ids` + left padding gives the LLM's own default positions, as without the wrapper).
         With images and no `position_ids`, positions are counted from the 2D `attention_mask` so padding is skipped.
+        `image_hidden_states` come back in the form of `latents` (stacked or a list).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -371,86 +482,54 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
+        self._check_image_inputs(input_ids, latents, past_len)
 
-        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
-        if max_positions is not None and past_len + seq_len > max_positions:
-            raise ValueError(
-                f"The sequence is {past_len + seq_len} tokens long (cache {past_len} + input {seq_len}), more than the "
-                f"LLM's `max_position_embeddings`={max_positions}. Shorten the text or use smaller images."
-            )
-        mask = attention_mask  # text only: the LLM builds its own causal mask, exactly as without the wrapper
-        image_hidden_states = timestep_embeds = None
-        patch_flat = None
+        # Text only: the LLM builds its own causal mask and positions, exactly as without the wrapper.
+        mask, image_patch_mask, timestep_embeds = attention_mask, None, None
         if latents is not None:
-            if input_ids is None:
-                raise ValueError("`latents` need `input_ids` to find the `<image>` placeholders, not `inputs_embeds`.")
-            if self.config.image_token_id is None:
-                raise ValueError("`config.image_token_id` is not set: build the model with `from_llm(...)`.")
-            attn_impl = self.config.text_config._attn_implementation or ""
-            if "flash" in attn_impl:
-                raise ValueError(
-                    f"`attn_implementation={attn_impl!r}` cannot express MonoFormer's hybrid mask (bidirectional "
-                    "inside each image) and would silently make images causal. Load the model with "
-                    "`attn_implementation='sdpa'` (or 'eager' / 'flex_attention') for sequences with images."
-                )
-            latents = self._check_latents(latents)
-            if position_ids is None:  # explicit positions: left padding and the cached prefix count right
-                if attention_mask is not None and attention_mask.ndim == 2:
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
-                else:
-                    position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)
-                    position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
-            n_images = latents.shape[0] if isinstance(latents, torch.Tensor) else len(latents)
-            timesteps = self._check_timesteps(timesteps, n_images, inputs_embeds.device)
+            images = as_image_list(latents, self.config)
+            check_sequence_length(self.config.text_config, past_len + seq_len, "The sequence (cache + input)")
+            timesteps = self._check_timesteps(timesteps, len(images), inputs_embeds.device)
             timestep_embeds = self.t_embedder(timesteps, inputs_embeds.dtype)  # (n, D)
-            image_tokens, counts = self._image_token_embeddings(latents, timestep_embeds)  # (sum T_i, D)
-            flat, image_ids, starts = self._locate_placeholders(input_ids, counts)
-
-            inputs_embeds = inputs_embeds.reshape(-1, inputs_embeds.shape[-1]).index_copy(
-                0, flat, image_tokens.to(inputs_embeds.dtype)
-            ).reshape(batch_size, seq_len, -1)
-
-            # Patch tokens form the bidirectional blocks; a "token"-mode timestep token stays causal (original layout).
-            is_patch = torch.ones_like(flat, dtype=torch.bool)
-            if self.config.tokens_per_image_extra:
-                is_patch[starts] = False
-            patch_flat = flat[is_patch]
-            block_ids = torch.full((batch_size * seq_len,), -1, dtype=torch.long, device=flat.device)
-            block_ids[patch_flat] = image_ids[is_patch]
-            block_ids = F.pad(block_ids.reshape(batch_size, seq_len), (past_len, 0), value=-1)  # absolute kv index
-
+            image_features = self.get_image_features(images, timestep_embeds=timestep_embeds)  # [(T_i(+1), D)]
+            placeholder_mask = self.get_placeholder_mask(input_ids, image_features)  # (B, L)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                placeholder_mask.unsqueeze(-1), torch.cat(image_features).to(inputs_embeds.dtype)
+            )
+            block_ids = get_image_block_ids(
+                placeholder_mask, [f.shape[0] for f in image_features], self.config.tokens_per_image_extra
+            )  # (B, L)
+            # (B, L) True on patch tokens (not a "token"-mode timestep token): the diffusion head reads them, and it
+            # is the routing mask for anything that treats image tokens apart (image experts).
+            image_patch_mask = block_ids >= 0
+            if position_ids is None:
+                position_ids = image_position_ids(attention_mask, past_len, batch_size, seq_len, inputs_embeds.device)
             # A 4D mask / BlockMask given by the caller is used as is. Without any mask, explicit position ids that
             # restart (several samples packed in one row) make `create_causal_mask` cut attention between samples.
             if attention_mask is None or attention_mask.ndim == 2:
-                mask = self._hybrid_mask(inputs_embeds, attention_mask, cache, position_ids, block_ids)
-        elif input_ids is not None and past_len == 0 and self.config.image_token_id is not None:
-            if bool((input_ids == self.config.image_token_id).any()):
-                raise ValueError(
-                    "`input_ids` hold `<image>` placeholders but no `latents` were given: pass one latent per image."
+                mask = create_hybrid_attention_mask(
+                    self.language_model.config, inputs_embeds, attention_mask, cache, position_ids, block_ids
                 )
 
-        kwargs.pop("return_dict", None)  # outputs are always ModelOutputs
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state  # (B, L, D)
-
-        if patch_flat is not None:
-            patch_states = hidden.reshape(-1, hidden.shape[-1])[patch_flat]  # (sum T_i, D), image order
-            extra = self.config.tokens_per_image_extra
-            if isinstance(latents, torch.Tensor):
-                image_hidden_states = patch_states.reshape(n_images, -1, hidden.shape[-1])
-            else:
-                image_hidden_states = list(patch_states.split([c - extra for c in counts]))
+        image_hidden_states = None
+        if image_patch_mask is not None:  # gather the patch tokens back, image by image: [(T_i, D)]
+            n_patches = [f.shape[0] - self.config.tokens_per_image_extra for f in image_features]
+            patch_states = outputs.last_hidden_state[image_patch_mask]  # (sum T_i, D), image order
+            image_hidden_states = like_latents(list(patch_states.split(n_patches)), latents)
 
         return MonoFormerModelOutputWithPast(
-            last_hidden_state=hidden,
+            last_hidden_state=outputs.last_hidden_state,
             cache=outputs.cache if use_cache else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -487,6 +566,7 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
     # skips that division, which is right for a token-summed LM loss but would scale the per-batch diffusion mean by
     # the accumulation steps and the number of processes.
     accepts_loss_kwargs = False
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as LlamaForCausalLM; the body's plan comes from text_config
 
     def __init__(self, config: MonoFormerConfig):
         super().__init__(config)
@@ -518,43 +598,80 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
 
     # ---------------------------------------------------------------- diffusion head
     def decode_image_states(self, image_hidden_states, timestep_embeds, latents):
-        """Image-token hidden states -> diffusion output shaped like `latents` with `config.out_channels` channels."""
-        p = self.config.patch_size
-        if isinstance(latents, torch.Tensor):
-            out = self.final_layer(image_hidden_states, timestep_embeds)  # (n, T, p*p*C_out)
-            return unpatchify(out, latents.shape[-2], latents.shape[-1], p)  # (n, C_out, h, w)
-        outputs = []
-        for i, (states, x) in enumerate(zip(image_hidden_states, latents)):
-            out = self.final_layer(states.unsqueeze(0), timestep_embeds[i : i + 1])
-            outputs.append(unpatchify(out, x.shape[-2], x.shape[-1], p)[0])
-        return outputs
+        """Image-token hidden states -> diffusion output shaped like `latents` with `config.out_channels` channels.
+
+        `image_hidden_states`: `(n, T, D)` or a list of `(T_i, D)`; `timestep_embeds`: `(n, D)`; `latents` gives each
+        image's size and the form of the result (stacked or a list).
+        """
+        images = as_image_list(latents, self.config)
+        states = list(image_hidden_states)  # [(T_i, D)]
+        outputs: list[torch.Tensor | None] = [None] * len(images)
+        for indices in group_by_shape(images):  # one batched call per distinct size
+            height, width = images[indices[0]].shape[-2:]
+            out = self.final_layer(torch.stack([states[i] for i in indices]), timestep_embeds[indices])  # (n, T, p*p*C)
+            out = unpatchify(out, height, width, self.config.patch_size)  # (n, C_out, h, w)
+            for j, i in enumerate(indices):
+                outputs[i] = out[j]
+        return like_latents(outputs, latents)
 
     def diffusion_loss_function(self, diffusion_output, diffusion_target) -> torch.Tensor | None:
-        """MSE on the prediction channels, mean over each image, then over the images that have a target."""
+        """MSE on the prediction channels, mean over each image, then over the images that have a target.
+
+        `diffusion_target` is like `latents`: a tensor, or a list whose entries may be `None` (no loss on that image).
+        """
         c = self.config.latent_channels
-        if isinstance(diffusion_output, torch.Tensor):
-            if not isinstance(diffusion_target, torch.Tensor) or diffusion_target.shape != (
-                diffusion_output.shape[0], c, *diffusion_output.shape[2:]
-            ):
-                raise ValueError(
-                    "`diffusion_target` must match `latents`: expected a tensor of shape "
-                    f"{(diffusion_output.shape[0], c, *diffusion_output.shape[2:])}, got "
-                    f"{getattr(diffusion_target, 'shape', type(diffusion_target).__name__)}."
-                )
-            err = (diffusion_output[:, :c].float() - diffusion_target.float()) ** 2
-            return err.mean(dim=(1, 2, 3)).mean()
-        if not isinstance(diffusion_target, (list, tuple)) or len(diffusion_target) != len(diffusion_output):
-            raise ValueError("`diffusion_target` must be a list like `latents` (None for images without a loss).")
+        predictions = list(diffusion_output)  # [(C_out, h, w)]
+        if isinstance(diffusion_target, torch.Tensor) and diffusion_target.ndim == 4:
+            targets = list(diffusion_target.unbind(0))
+        elif isinstance(diffusion_target, (list, tuple)):
+            targets = list(diffusion_target)
+        else:
+            raise ValueError(
+                "`diffusion_target` must be like `latents`: a (n_images, C, h, w) tensor or a list of (C, h, w) "
+                "tensors (None for images without a loss), got "
+                f"{getattr(diffusion_target, 'shape', type(diffusion_target).__name__)}."
+            )
+        if len(targets) != len(predictions):
+            raise ValueError(f"`diffusion_target` holds {len(targets)} images but `latents` hold {len(predictions)}.")
         per_image = []
-        for i, (pred, target) in enumerate(zip(diffusion_output, diffusion_target)):
+        for i, (prediction, target) in enumerate(zip(predictions, targets)):
             if target is None:
                 continue
-            if target.shape != (c, *pred.shape[1:]):
-                raise ValueError(f"`diffusion_target[{i}]` has shape {tuple(target.shape)}, expected {(c, *pred.shape[1:])}.")
-            per_image.append(((pred[:c].float() - target.float()) ** 2).mean())
+            if target.shape != (c, *prediction.shape[1:]):
+                raise ValueError(
+                    f"`diffusion_target` image {i} has shape {tuple(target.shape)}, expected "
+                    f"{(c, *prediction.shape[1:])} (like `latents`)."
+                )
+            per_image.append(((prediction[:c].float() - target.float()) ** 2).mean())
         return torch.stack(per_image).mean() if per_image else None
 
+    def lm_loss_function(self, logits, labels, input_ids=None, **loss_kwargs) -> torch.Tensor:
+        """Shifted next-token cross-entropy (transformers' `loss_function`); an `<image>` placeholder is never a
+        target, whether labelled through `labels` (at placeholder positions) or a pre-shifted `shift_labels`."""
+        image_token_id = self.config.image_token_id
+        if image_token_id is not None:
+            if input_ids is not None:
+                labels = labels.masked_fill(input_ids == image_token_id, -100)
+            if loss_kwargs.get("shift_labels") is not None:
+                loss_kwargs["shift_labels"] = loss_kwargs["shift_labels"].masked_fill(
+                    loss_kwargs["shift_labels"] == image_token_id, -100
+                )
+        # A sum over the predicted tokens divided by their count (at least 1): the usual mean, and a counted zero
+        # (not NaN) for a batch that predicts no text, e.g. only prompt-dropped images on a tokenizer without BOS.
+        num_items = loss_kwargs.pop("num_items_in_batch", None)
+        if num_items is None:
+            targets = loss_kwargs.get("shift_labels")
+            targets = labels[..., 1:] if targets is None else targets
+            num_items = (targets != loss_kwargs.get("ignore_index", -100)).sum()
+        num_items = num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1)
+        vocab_size = self.config.text_config.vocab_size
+        return self.loss_function(
+            logits=logits, labels=labels, vocab_size=vocab_size, num_items_in_batch=num_items, **loss_kwargs
+        )
+
     # ---------------------------------------------------------------- forward
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -568,23 +685,26 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> MonoFormerCausalLMOutputWithPast:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | MonoFormerCausalLMOutputWithPast:
         r"""
         latents (`torch.Tensor` `(n_images, C, h, w)` or list of `(C, h, w)`, *optional*):
             Image latents in order of appearance over the flattened batch (noisy for generation, clean for context).
         timesteps (`torch.Tensor` of shape `(n_images,)`, *optional*):
             Timesteps on the scheduler's scale (DDPM steps; flow models `sigma * 1000`); `0`/None = clean context.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Text labels (unshifted); `-100` is ignored and `<image>` placeholders are ignored automatically.
+            Text labels (unshifted); `-100` is ignored and `<image>` placeholders are ignored automatically. Loss
+            keyword arguments (`shift_labels`, `num_items_in_batch`, `ignore_index`) go to the loss.
         diffusion_target (like `latents`, *optional*):
             The regression target for the objective (`epsilon`: noise, `v_prediction`: velocity, `flow`:
             `noise - x0`); list entries may be `None` for context images.
         """
         if diffusion_target is not None and latents is None:
             raise ValueError("`diffusion_target` was given without `latents`.")
-        # Loss-only arguments (Trainer's global token count) stay out of the LLM body.
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        # Loss-only arguments stay out of the LLM body.
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -594,40 +714,25 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
+        hidden_states = outputs.last_hidden_state  # (B, L, D)
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
-        diffusion_output = None
-        if outputs.image_hidden_states is not None:
+        diffusion_output = lm_loss = diffusion_loss = loss = None
+        if latents is not None:
             diffusion_output = self.decode_image_states(outputs.image_hidden_states, outputs.timestep_embeds, latents)
-
-        lm_loss = diffusion_loss = loss = None
         if labels is not None:
-            if input_ids is not None and self.config.image_token_id is not None:
-                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-            full_logits = logits if logits.shape[1] == labels.shape[1] else self.lm_head(hidden)
-            # A sum over the predicted tokens divided by their count (at least 1): the usual mean, and a counted zero
-            # (not NaN) for a batch that predicts no text, e.g. only prompt-dropped images on a tokenizer without BOS.
-            num_items = loss_kwargs.pop("num_items_in_batch", None)
-            if num_items is None:
-                num_items = (labels[..., 1:] != loss_kwargs.get("ignore_index", -100)).sum()
-            num_items = num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1)
-            lm_loss = self.loss_function(
-                logits=full_logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=num_items, **loss_kwargs,
-            )
+            full_logits = logits if logits.shape[1] == labels.shape[1] else self.lm_head(hidden_states)
+            lm_loss = self.lm_loss_function(full_logits, labels, input_ids, **loss_kwargs)
         if diffusion_target is not None:
             diffusion_loss = self.diffusion_loss_function(diffusion_output, diffusion_target)
-        parts = []
-        if lm_loss is not None:
-            parts.append(self.config.lm_loss_weight * lm_loss)
-        if diffusion_loss is not None:
-            parts.append(self.config.diffusion_loss_weight * diffusion_loss)
-        if parts:
-            loss = sum(parts)
+        weighted = [(self.config.lm_loss_weight, lm_loss), (self.config.diffusion_loss_weight, diffusion_loss)]
+        if lm_loss is not None or diffusion_loss is not None:
+            loss = sum(weight * part for weight, part in weighted if part is not None)
 
         return MonoFormerCausalLMOutputWithPast(
             loss=loss,

@@ -336,8 +336,11 @@ class MonoFormerPipeline(DiffusionPipeline):
         n_image_tokens = self.processor.num_image_tokens(height, width)
         if not bool((input_ids[:, -n_image_tokens:] == self.processor.image_token_id).all()):
             raise ValueError("The processor did not put the image block at the end of every row.")
-        max_positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
-        if max_positions is not None and input_ids.shape[1] > max_positions:
+        # Same rule as the model's `check_sequence_length`: a scaled RoPE decides its own context.
+        text_config = self.model.config.text_config
+        max_positions = getattr(text_config, "max_position_embeddings", None)
+        rope_type = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if max_positions is not None and rope_type == "default" and input_ids.shape[1] > max_positions:
             raise ValueError(
                 f"`prompt` + image is {input_ids.shape[1]} tokens ({n_image_tokens} for a {height}x{width} image), "
                 f"more than the LLM's max_position_embeddings={max_positions}: shorten `prompt` or lower "
