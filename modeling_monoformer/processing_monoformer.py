@@ -1,14 +1,19 @@
 """MonoFormer processor: tokenizer + image processor; expands each `<image>` into the placeholders of its size."""
 
-import json
 import os
 
 import torch
 from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.image_utils import make_flat_list_of_images
+from transformers.processing_utils import ProcessingKwargs, Unpack
 
-from .image_processing_monoformer import MonoFormerImageProcessor
+from .image_processing_monoformer import MonoFormerImageProcessor, MonoFormerImagesKwargs
 
 BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN = "<boi>", "<eoi>", "<image>"
+
+
+class MonoFormerProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: MonoFormerImagesKwargs
 
 
 class MonoFormerProcessor(ProcessorMixin):
@@ -17,6 +22,12 @@ class MonoFormerProcessor(ProcessorMixin):
     `<boi>` + `<image>` x N + `<eoi>`, with `N = (H / (p * f)) * (W / (p * f))` (+1 timestep token in `"token"` mode)
     for an `H x W` image, patch size `p` and VAE factor `f`. Images come from `images` (to encode: pixel values in
     `[-1, 1]` are returned) or, for images still to be generated, from `image_sizes` (`(H, W)` in pixels).
+
+    Output: `input_ids`, `attention_mask` and, with `images`, `pixel_values` (`(n, C, H, W)` when all share a size,
+    else a list of `(C, H, W)`): the model's image input for a pixel-space model (`model.generate(**processor(...))`);
+    a latent model takes their VAE latents as `latents` instead. Text options (`max_length`, `padding`,
+    `text_kwargs={...}`) reach the tokenizer and image options (`images_kwargs={...}`) the image processor, through
+    transformers' standard processor-kwargs merging.
 
     Args:
         image_processor ([`MonoFormerImageProcessor`]): Converts images to `[-1, 1]` tensors.
@@ -33,6 +44,12 @@ class MonoFormerProcessor(ProcessorMixin):
     >>> batch = processor(text=["<image>a photo of a bag"], images=[img])         # captioning input
     ```
     """
+
+    valid_processor_kwargs = MonoFormerProcessorKwargs
+    # Lowest-priority defaults (`_merge_kwargs`): padded PyTorch batches.
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
+    # A list when the images' sizes differ: the processor builds `pixel_values` itself.
+    skip_tensor_conversion = [*ProcessorMixin.skip_tensor_conversion, "pixel_values"]
 
     def __init__(
         self,
@@ -117,22 +134,18 @@ class MonoFormerProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         images=None,
         image_sizes: list[list[tuple[int, int]]] | None = None,
-        return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        add_special_tokens: bool = True,
-        **kwargs,
+        **kwargs: Unpack[MonoFormerProcessorKwargs],
     ) -> BatchFeature:
         """
         Args:
-            text (`str` or `list[str]`): Prompts; one `<image>` marker per image.
+            text (`str` or `list[str]`): Prompts; one `<image>` marker per image (`<boi><image><eoi>` counts as one).
             images (*optional*): Images to encode, one per marker, in order (a flat list, or one list per text).
             image_sizes (*optional*): For images still to be generated: one list of `(H, W)` pixel sizes per text.
-            padding_side (*optional*): Overrides the tokenizer's (left padding for generation).
+            **kwargs: Tokenizer options (`padding`, `padding_side`, `max_length`, ... or `text_kwargs={...}`) and
+                image-processor options (`images_kwargs={...}`), merged as every transformers processor does.
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask` and, when `images` are given, `pixel_values` (a tensor
-            `(n, C, H, W)` when all share a size, else a list).
+            `BatchFeature` with `input_ids`, `attention_mask` and, when `images` are given, `pixel_values`.
         """
         if text is None:
             raise ValueError("`text` is required (use `<image>` alone for an image without words).")
@@ -141,39 +154,35 @@ class MonoFormerProcessor(ProcessorMixin):
             raise TypeError("`text` must be a string or a list of strings.")
         if images is not None and image_sizes is not None:
             raise ValueError("Pass either `images` (to encode) or `image_sizes` (to generate), not both.")
+        wrapped = self.boi_token + self.image_token + self.eoi_token
+        texts = [t.replace(wrapped, self.image_token) for t in texts]
+        if image_sizes is None:  # the base call: checks, kwargs merging, `replace_image_token` per image, tokenizer
+            return super().__call__(images=images, text=texts, **kwargs)
 
-        data = {}
-        if images is not None:
-            flat = images if isinstance(images, (list, tuple)) else [images]
-            if flat and isinstance(flat[0], (list, tuple)):
-                flat = [img for per_text in flat for img in per_text]
-            pixel_values = [self.image_processor(img, return_tensors="pt", **kwargs)["pixel_values"][0] for img in flat]
-            sizes_flat = [tuple(p.shape[-2:]) for p in pixel_values]
-            counts = [t.count(self.image_token) for t in texts]
-            if sum(counts) != len(sizes_flat):
-                raise ValueError(
-                    f"`text` holds {sum(counts)} `<image>` marker(s) but {len(sizes_flat)} image(s) were given."
-                )
-            sizes, start = [], 0
-            for c in counts:
-                sizes.append(sizes_flat[start : start + c])
-                start += c
-            same = len(set(sizes_flat)) <= 1
-            data["pixel_values"] = torch.stack(pixel_values) if (same and pixel_values) else pixel_values
-        elif image_sizes is not None:
-            if len(image_sizes) != len(texts):
-                raise ValueError(f"`image_sizes` needs one list per text ({len(texts)}), got {len(image_sizes)}.")
-            sizes = [[tuple(s) for s in per_text] for per_text in image_sizes]
-        else:
-            sizes = [[] for _ in texts]
+        # Images still to be generated: no pixels, only their placeholder blocks.
+        if len(image_sizes) != len(texts):
+            raise ValueError(f"`image_sizes` needs one list per text ({len(texts)}), got {len(image_sizes)}.")
+        expanded = [self.expand_image_tokens(t, [tuple(s) for s in sizes]) for t, sizes in zip(texts, image_sizes)]
+        text_kwargs = self._merge_kwargs(
+            MonoFormerProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )["text_kwargs"]
+        encoded = self.tokenizer(expanded, **text_kwargs)
+        self._check_special_mm_tokens(expanded, encoded, modalities=["image"])
+        return BatchFeature(dict(encoded), tensor_type=text_kwargs.get("return_tensors"))
 
-        expanded = [self.expand_image_tokens(t, s) for t, s in zip(texts, sizes)]
-        tok_kwargs = {"padding": padding, "return_tensors": return_tensors, "add_special_tokens": add_special_tokens}
-        if padding_side is not None:
-            tok_kwargs["padding_side"] = padding_side
-        encoded = self.tokenizer(expanded, **tok_kwargs)
-        data.update(encoded)
-        return BatchFeature(data=data)
+    def _process_images(self, images, **kwargs):
+        """Each image on its own (sizes may differ): `pixel_values` stacked when they share a size, else a list."""
+        kwargs["return_tensors"] = "pt"
+        images = make_flat_list_of_images(images)
+        pixel_values = [self.image_processor(img, **kwargs)["pixel_values"][0] for img in images]  # [(C, H, W)]
+        same_size = len({tuple(p.shape) for p in pixel_values}) == 1
+        processed = {"pixel_values": torch.stack(pixel_values) if same_size else pixel_values}
+        return processed, [self.replace_image_token(processed, i) for i in range(len(pixel_values))]
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The block replacing the `image_idx`-th `<image>` marker: `<boi>` + one placeholder per token + `<eoi>`."""
+        height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+        return self.boi_token + self.image_token * self.num_image_tokens(height, width) + self.eoi_token
 
     def post_process_image_text_to_text(self, generated_ids, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decode generated ids to text (image placeholders and special tokens dropped)."""
@@ -185,32 +194,35 @@ class MonoFormerProcessor(ProcessorMixin):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
-        """Load from a folder written by `save_pretrained`, building the image processor from its sibling class so
-        that loading works inside a remote-code pipeline (diffusers does not forward `trust_remote_code`)."""
-        path = str(pretrained_model_name_or_path)
-        if subfolder:
-            path = os.path.join(path, subfolder)
-        config_file = os.path.join(path, "processor_config.json")
-        if not os.path.isfile(config_file):
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder or "", **kwargs)
-        with open(config_file) as f:
-            processor_dict = json.load(f)
-        image_dict = processor_dict.pop("image_processor", None)
-        if image_dict is None:
-            image_processor = MonoFormerImageProcessor.from_pretrained(path)
-        else:
-            image_dict = {k: v for k, v in image_dict.items() if k not in ("auto_map", "image_processor_type")}
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """The image processor from its sibling class (not `AutoImageProcessor`, which would need remote code: diffusers
+        does not forward `trust_remote_code` to components) and the tokenizer through `AutoTokenizer` with the
+        caller's own options (`trust_remote_code` only if the caller passed it). The base `from_pretrained` does the
+        rest: `processor_config.json`, the chat template, and keyword overrides."""
+        subfolder = kwargs.pop("subfolder", "") or ""
+        path = os.path.join(str(pretrained_model_name_or_path), subfolder)
+        image_dict = dict((processor_dict or {}).get("image_processor") or {})
+        if image_dict:
+            auto_map = image_dict.pop("auto_map", None)
+            image_dict.pop("image_processor_type", None)
             image_processor = MonoFormerImageProcessor(**image_dict)
-        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
-        # This code already runs from the same folder, so its tokenizer files are trusted alike.
-        tokenizer_kwargs["trust_remote_code"] = kwargs.get("trust_remote_code", True)
-        tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
-        names = ("patch_size", "vae_scale_factor", "timestep_token", "boi_token", "eoi_token", "image_token")
-        init_kwargs = {k: processor_dict[k] for k in names if k in processor_dict}
-        return cls(image_processor=image_processor, tokenizer=tokenizer, **init_kwargs)
+            if auto_map is not None:  # as saved, so a round trip's `to_dict()` is unchanged
+                image_processor.auto_map = auto_map
+        else:
+            image_processor = MonoFormerImageProcessor.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return [image_processor, tokenizer]
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        """The base method, keeping the saved `auto_map` (a round trip's `to_dict()` equals the saved one's)."""
+        loaded = super().from_args_and_dict(args, processor_dict, **kwargs)
+        processor = loaded[0] if isinstance(loaded, tuple) else loaded
+        if processor_dict.get("auto_map") is not None:
+            processor.auto_map = processor_dict["auto_map"]
+        return loaded
 
 
 MonoFormerProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MonoFormerProcessor", "BOI_TOKEN", "EOI_TOKEN", "IMAGE_TOKEN"]
+__all__ = ["MonoFormerProcessor", "MonoFormerProcessorKwargs", "BOI_TOKEN", "EOI_TOKEN", "IMAGE_TOKEN"]
