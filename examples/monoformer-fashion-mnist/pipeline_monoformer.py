@@ -4,6 +4,7 @@ This file travels with saved checkpoints (it is copied to the root of the folder
 import installed libraries only: no import from the `modeling_monoformer` package or its siblings.
 """
 
+import importlib
 import inspect
 import json
 import logging
@@ -172,11 +173,7 @@ class MonoFormerPipeline(DiffusionPipeline):
             guider = ClassifierFreeGuidance(guidance_scale=DEFAULT_GUIDANCE_SCALE)
         check_guider(guider)
         config = model.config
-        if vae is None and config.vae_scale_factor != 1:
-            raise ValueError(
-                f"`vae` is None (pixel space) but the model's `config.vae_scale_factor` is {config.vae_scale_factor}: "
-                "pass the AutoencoderKL the model was trained with, or use a pixel-space model (vae_scale_factor=1)."
-            )
+        self._check_vae(vae, model)
         if vae is not None:
             vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
             if vae_factor != config.vae_scale_factor or vae.config.latent_channels != config.latent_channels:
@@ -190,6 +187,16 @@ class MonoFormerPipeline(DiffusionPipeline):
         self.register_to_config(default_num_inference_steps=default_num_inference_steps)
         self.vae_scale_factor = config.vae_scale_factor
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @staticmethod
+    def _check_vae(vae, model) -> None:
+        """A latent model (`vae_scale_factor` > 1) cannot run, or be saved, without the VAE that decodes its latents."""
+        if vae is None and model.config.vae_scale_factor != 1:
+            raise ValueError(
+                f"`vae` is None (pixel space) but the model's `config.vae_scale_factor` is "
+                f"{model.config.vae_scale_factor}: pass the AutoencoderKL the model was trained with, or use a "
+                "pixel-space model (vae_scale_factor=1)."
+            )
 
     # ------------------------------------------------------------------------------------------------------ properties
     @property
@@ -225,6 +232,7 @@ class MonoFormerPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs,
     ):
         """Validate every argument (and the scheduler/model pairing) before any compute; errors name the argument."""
+        self._check_vae(self.vae, self.model)  # `pipe.vae = None` after construction
         if isinstance(prompt, str):
             prompts = [prompt]
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
@@ -689,6 +697,7 @@ class MonoFormerPipeline(DiffusionPipeline):
         `model_index.json` at the code files saved next to each custom component (`model/modeling_monoformer.py`,
         `processor/processing_monoformer.py`) instead of the importable package. `push_to_hub=True` uploads that folder.
         """
+        self._check_vae(self.vae, self.model)  # a latent pipeline without its VAE would not load again
         hub_keys = ("commit_message", "private", "create_pr", "token", "repo_id")
         hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
         super().save_pretrained(
@@ -717,6 +726,51 @@ class MonoFormerPipeline(DiffusionPipeline):
                 commit_message=hub_kwargs.get("commit_message"),
                 create_pr=hub_kwargs.get("create_pr", False),
             )
+
+    # ------------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a folder written by `save_pretrained` with **this** class and its installed sibling classes.
+
+        A saved folder names its own code (`pipeline_monoformer.py`, `model/modeling_monoformer.py`, ...), so diffusers'
+        loader would run that code (and demand `trust_remote_code=True`) whichever class it is called on. Called on
+        this class, each component is built instead by the class of the same name installed next to this module
+        (library components by their library), so no code from the folder runs and `isinstance` checks hold.
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` is untouched: it loads the folder's own
+        code where this package is not installed. Components passed as keyword arguments are used as given;
+        `torch_dtype` reaches every torch component; a Hub id is downloaded first (files only, no code runs).
+        """
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            hub_keys = ("revision", "token", "cache_dir", "local_files_only")
+            path = snapshot_download(path, **{k: kwargs.pop(k) for k in hub_keys if k in kwargs})
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        kwargs.pop("trust_remote_code", None)  # nothing from the folder runs here
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+        package = cls.__module__.rpartition(".")[0]
+        components = {}
+        for name, entry in index.items():
+            if name.startswith("_"):
+                continue
+            if name in kwargs or not isinstance(entry, list):  # a passed component, or a registered config value
+                components[name] = kwargs.pop(name, entry)
+                continue
+            library, class_name = entry
+            if library is None:
+                components[name] = None
+                continue
+            module_name = library if library in LOADABLE_CLASSES or not package else f"{package}.{library}"
+            component_cls = getattr(importlib.import_module(module_name), class_name)
+            load_kwargs = {}
+            if torch_dtype is not None and issubclass(component_cls, torch.nn.Module):
+                load_kwargs["dtype" if issubclass(component_cls, PreTrainedModel) else "torch_dtype"] = torch_dtype
+            components[name] = component_cls.from_pretrained(os.path.join(path, name), **load_kwargs)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for `{cls.__name__}.from_pretrained`: {sorted(kwargs)}.")
+        return cls(**components)
 
     def _make_self_contained(self, save_directory: str) -> None:
         pipeline_file = inspect.getfile(type(self))

@@ -156,6 +156,22 @@ def as_image_list(latents, config: MonoFormerConfig, name: str = "latents") -> l
     return images
 
 
+def pixel_values_as_latents(config: MonoFormerConfig, pixel_values, latents):
+    """`pixel_values` (the processor's output) are the image input of a pixel-space model (`vae_scale_factor=1`),
+    where images and latents are the same thing; a latent model needs them encoded by its VAE first."""
+    if pixel_values is None:
+        return latents
+    if latents is not None:
+        raise ValueError("Pass the images once: `pixel_values` (pixel-space models) or `latents`, not both.")
+    if config.vae_scale_factor != 1:
+        raise ValueError(
+            f"`pixel_values` are images, but this model works on VAE latents (`vae_scale_factor`="
+            f"{config.vae_scale_factor}): encode them (`vae.encode(pixel_values).latent_dist.mean * "
+            "vae.config.scaling_factor`) and pass `latents=`."
+        )
+    return pixel_values
+
+
 def like_latents(per_image: list[torch.Tensor], latents) -> torch.Tensor | list[torch.Tensor]:
     """Per-image results in the caller's form: stacked when `latents` was one tensor, else the list."""
     return torch.stack(per_image) if isinstance(latents, torch.Tensor) else per_image
@@ -463,6 +479,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | MonoFormerModelOutputWithPast:
         r"""
@@ -470,6 +487,8 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             The (noisy or clean) latents of the images, in order of appearance over the flattened batch.
         timesteps (`torch.Tensor` of shape `(n_images,)`, *optional*):
             Each image's timestep on the scheduler's scale; `0` (the default) marks a clean context image.
+        pixel_values (like `latents`, *optional*):
+            The processor's images, for a pixel-space model (`vae_scale_factor=1`) the same as `latents`.
 
         Without images, every argument goes to the LLM body untouched, so text behaves exactly as the base LLM (which
         also means: no `position_ids` + left padding gives the LLM's own default positions, as without the wrapper).
@@ -478,6 +497,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        latents = pixel_values_as_latents(self.config, pixel_values, latents)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
@@ -687,6 +707,7 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | MonoFormerCausalLMOutputWithPast:
         r"""
@@ -700,7 +721,11 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         diffusion_target (like `latents`, *optional*):
             The regression target for the objective (`epsilon`: noise, `v_prediction`: velocity, `flow`:
             `noise - x0`); list entries may be `None` for context images.
+        pixel_values (like `latents`, *optional*):
+            The processor's images (`model.generate(**processor(text, images=...))`), for a pixel-space model
+            (`vae_scale_factor=1`) the same as `latents`; a latent model refuses them (encode them with the VAE).
         """
+        latents = pixel_values_as_latents(self.config, pixel_values, latents)
         if diffusion_target is not None and latents is None:
             raise ValueError("`diffusion_target` was given without `latents`.")
         # Loss-only arguments stay out of the LLM body.
@@ -746,14 +771,14 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         )
 
     def prepare_inputs_for_generation(
-        self, input_ids, cache=None, latents=None, timesteps=None, is_first_iteration=False, **kwargs
+        self, input_ids, cache=None, latents=None, timesteps=None, pixel_values=None, is_first_iteration=False, **kwargs
     ):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
         )
         # Images in the prompt go in (clean) with the prefill only; decoding steps see them through the cache.
         if is_first_iteration or cache is None or cache.get_seq_length() == 0:
-            model_inputs["latents"] = latents
+            model_inputs["latents"] = pixel_values_as_latents(self.config, pixel_values, latents)
             model_inputs["timesteps"] = timesteps
         return model_inputs
 
