@@ -26,8 +26,8 @@ Output (`--output_dir`): `samples/step-XXXXX.png` (one row per class, EMA weight
 `loss_history.json`, `train_args.json` and `pipeline/`, a self-contained `MonoFormerPipeline` folder that loads with
 `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
 
-    # the shipped checkpoint (examples/monoformer-fashion-mnist): 60 minutes on 2 quiet CPU cores
-    python examples/train_fashion_mnist.py --minutes 60 --output_dir runs/fmnist
+    # the shipped checkpoint (examples/monoformer-fashion-mnist): 45 minutes on 2 quiet CPU cores
+    python examples/train_fashion_mnist.py --minutes 45 --output_dir runs/fmnist
     # the head-to-head with transfusion-pytorch (benchmarks/bench_quality_fashion_mnist.py --with-peer): 20 minutes
     python examples/train_fashion_mnist.py --minutes 20 --output_dir runs/fmnist-20
     # a smoke run in seconds

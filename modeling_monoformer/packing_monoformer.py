@@ -12,7 +12,8 @@ import torch
 
 def pack_batch(batch: dict, max_length: int | None = None, pad_token_id: int = 0) -> dict:
     """Pack a right-padded batch (`input_ids`, `attention_mask`, `labels`, + image fields) into rows of at most
-    `max_length` tokens (default: the longest sample), first-fit in order.
+    `max_length` tokens (default: the longest sample), next-fit in order: a sample that does not fit the current row
+    starts a new one, so samples (and their images) never change order and `latents` stay aligned.
 
     Returns the same keys with `attention_mask` removed and `position_ids` added. The first label of every sample is
     set to -100 so no sample learns to predict its neighbour; leftover row space is filled with `pad_token_id` as its

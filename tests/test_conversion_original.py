@@ -1,6 +1,6 @@
 """`conversion/convert_original_monoformer.py` on a tiny synthetic checkpoint with the original release's exact key
-names and config fields (reference/monoformer-original.md §6), checked against an independent re-implementation of
-the original forward written here from the documented math (§1.3-§1.7, §2) and of the original IDDPM sampler (§4.1)."""
+names and config fields, checked against an independent re-implementation of the original forward written here from
+the published math (DiT blocks on a causal LLM, adaLN timestep conditioning) and of the original IDDPM sampler."""
 
 import importlib.util
 import json
@@ -50,7 +50,7 @@ def original_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def original_config(vocab_size: int, image_token_index: int, decoder_t_embed: str) -> dict:
-    """Every field of the released config.json (§6.2), at tiny size."""
+    """Every field of the released config.json, at tiny size."""
     return {
         "_name_or_path": "monoformer_imagenet_res256", "architectures": ["MonoFormerForCausalLM"],
         "model_type": "llama", "add_pos_embed_each_layer": False, "attention_bias": False,
@@ -67,7 +67,7 @@ def original_config(vocab_size: int, image_token_index: int, decoder_t_embed: st
 
 
 def original_state_dict(cfg: dict, decoder_t_embed: str, seed: int) -> dict[str, torch.Tensor]:
-    """The exact key names of §6.4; heads random (not zero) so that every module matters."""
+    """The exact key names of the released checkpoint; heads random (not zero) so that every module matters."""
     torch.manual_seed(seed)
     llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in convert_original.LLAMA_FIELDS}))
     state = {k: v.clone() for k, v in llama.state_dict().items()}

@@ -41,7 +41,7 @@ EPS_SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, Eul
 
 
 def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
-    """hf-api-5x.md §4: two blocks, so 16x16 images <-> 8x8 latents."""
+    """Two down blocks (factor 2), so 16x16 images <-> 8x8 latents."""
     torch.manual_seed(0)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
