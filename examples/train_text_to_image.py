@@ -217,6 +217,8 @@ def load_base(path, vae_path=None):
 def head_module_names(config) -> list[str]:
     """The image-path modules a LoRA run trains fully (PEFT `modules_to_save`)."""
     names = ["x_embedder", "t_embedder", "final_layer"]
+    if config.patch_embedder == "unet":  # the U-Net up blocks; its down blocks are `x_embedder`
+        names.append("patch_decoder")
     names.append({"adaln": "t_modulation", "token": "t_projector"}.get(config.timestep_conditioning, None))
     return [n for n in names if n is not None]
 

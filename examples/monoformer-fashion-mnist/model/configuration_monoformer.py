@@ -9,10 +9,12 @@ from transformers.configuration_utils import SubConfigSpec
 TimestepConditioning = Literal["adaln", "token", "add"]
 ImagePosEmbed = Literal["sincos_2d", "none"]
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
+PatchEmbedder = Literal["linear", "unet"]
 # The allowed values as tuples, for argument parsers and error messages.
 TIMESTEP_CONDITIONING_MODES = get_args(TimestepConditioning)
 IMAGE_POS_EMBED_TYPES = get_args(ImagePosEmbed)
 PREDICTION_TYPES = get_args(PredictionType)
+PATCH_EMBEDDERS = get_args(PatchEmbedder)
 
 
 @strict
@@ -29,6 +31,16 @@ class MonoFormerConfig(PreTrainedConfig):
             Channels of the image latents (4 for a Stable-Diffusion VAE, 1 or 3 for pixel-space models).
         patch_size (`int`, defaults to 2):
             Side of the square latent patch that becomes one token.
+        patch_embedder (`str`, defaults to `"linear"`):
+            How patches become tokens and tokens become predictions: `"linear"` (one Linear over the `C * p * p` patch
+            features in, the DiT head's Linear + unpatchify out) or `"unet"` (Transfusion: diffusers `DownBlock2D`s
+            with timestep conditioning down to the patch grid before the transformer, mirrored `UpBlock2D`s after it
+            with skips from the down path; suits large patches, e.g. 7 for 28x28 images).
+        unet_block_channels (`list[int]`, defaults to `[64, 128]`):
+            `"unet"` only: width of each U-Net level; `L` levels downsample by `2 ** (L - 1)`, which must divide
+            `patch_size` (the rest of the patch is a linear patchify of the last level).
+        unet_layers_per_block (`int`, defaults to 1):
+            `"unet"` only: ResNet blocks per down level (the up levels have one more, as diffusers' `UNet2DModel`).
         vae_scale_factor (`int`, defaults to 8):
             Pixels per latent pixel along each side (1 = pixel space, no VAE).
         sample_size (`int`, defaults to 32):
@@ -73,6 +85,9 @@ class MonoFormerConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     latent_channels: int = 4
     patch_size: int = 2
+    patch_embedder: PatchEmbedder = "linear"
+    unet_block_channels: list[int] | tuple[int, ...] = (64, 128)
+    unet_layers_per_block: int = 1
     vae_scale_factor: int = 8
     sample_size: int = 32
     timestep_conditioning: TimestepConditioning = "adaln"
@@ -104,6 +119,22 @@ class MonoFormerConfig(PreTrainedConfig):
         if self.sample_size % self.patch_size:
             raise ValueError(
                 f"`sample_size` ({self.sample_size}) must be divisible by `patch_size` ({self.patch_size})."
+            )
+
+    def validate_unet_patch_path(self):
+        """U-Net levels are positive widths whose downsampling (2 per level after the first) divides the patch."""
+        channels = self.unet_block_channels
+        if not channels or any(c < 1 for c in channels):
+            raise ValueError(f"`unet_block_channels` must be a non-empty list of positive integers, got {channels!r}.")
+        self.unet_block_channels = list(channels)
+        if self.unet_layers_per_block < 1:
+            raise ValueError(f"`unet_layers_per_block` must be a positive integer, got {self.unet_layers_per_block!r}.")
+        downsampling = 2 ** (len(channels) - 1)
+        if self.patch_embedder == "unet" and self.patch_size % downsampling:
+            raise ValueError(
+                f"`unet_block_channels` has {len(channels)} levels, which downsample by {downsampling}, but "
+                f"`patch_size`={self.patch_size} is not a multiple of it: use {len(channels)} levels with a patch "
+                f"that {downsampling} divides, or fewer levels (1 level works with any patch, e.g. 7)."
             )
 
     def validate_image_pos_embed(self):

@@ -27,6 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_monoformer import MonoFormerConfig
+from .patch_embedding_monoformer import MonoFormerUNetPatchDecoder, MonoFormerUNetPatchEncoder, unet_head_features
 
 logger = logging.get_logger(__name__)
 
@@ -50,6 +51,8 @@ class MonoFormerModelOutputWithPast(ModelOutput):
         image_hidden_states (`torch.FloatTensor` or `list[torch.FloatTensor]`, *optional*):
             Final hidden states of each image's patch tokens: `(n_images, T, hidden_size)` when every image has the
             same size, else a list of `(T_i, hidden_size)`.
+        image_skip_states (`list[tuple[torch.FloatTensor, ...]]`, *optional*, `patch_embedder="unet"` only):
+            Per image, the U-Net down path's skip features `(c, h_i, w_i)` for the up blocks.
         timestep_embeds (`torch.FloatTensor` of shape `(n_images, hidden_size)`, *optional*):
             The timestep embedding of each image (conditions the diffusion head).
     """
@@ -60,6 +63,7 @@ class MonoFormerModelOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | list[torch.FloatTensor] | None = None
     timestep_embeds: torch.FloatTensor | None = None
+    image_skip_states: list[tuple[torch.FloatTensor, ...]] | None = None
 
 
 @dataclass
@@ -309,8 +313,9 @@ class MonoFormerPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, MonoFormerModel):
             # Patch embedding as a stride-p conv (DiT): xavier on the flattened kernel.
-            init.xavier_uniform_(module.x_embedder.weight)
-            init.zeros_(module.x_embedder.bias)
+            patch_linear = module.x_embedder if isinstance(module.x_embedder, nn.Linear) else module.x_embedder.proj
+            init.xavier_uniform_(patch_linear.weight)
+            init.zeros_(patch_linear.bias)
             # Conditioning starts as the identity (DiT's zero-init), so it cannot disturb the pretrained LLM.
             if module.t_modulation is not None:
                 init.zeros_(module.t_modulation[-1].weight)
@@ -336,7 +341,11 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         hidden = config.text_config.hidden_size
         p, c = config.patch_size, config.latent_channels
         self.language_model = AutoModel.from_config(config.text_config)
-        self.x_embedder = nn.Linear(c * p * p, hidden)
+        # (n, C, h, w) -> (n, h/p * w/p, D): one Linear over each patch, or U-Net down blocks to the patch grid
+        if config.patch_embedder == "unet":
+            self.x_embedder = MonoFormerUNetPatchEncoder(config)
+        else:
+            self.x_embedder = nn.Linear(c * p * p, hidden)
         self.t_embedder = MonoFormerTimestepEmbedder(hidden)
         mode = config.timestep_conditioning
         self.t_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden)) if mode == "adaln" else None
@@ -398,10 +407,18 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
 
     def embed_images(self, latents: torch.Tensor, timestep_embeds: torch.Tensor) -> torch.Tensor:
         """Same-size images (n, C, h, w) + their timestep embeddings (n, D) -> placeholder embeddings (n, T(+1), D)."""
+        return self.embed_images_and_skips(latents, timestep_embeds)[0]
+
+    def embed_images_and_skips(self, latents: torch.Tensor, timestep_embeds: torch.Tensor):
+        """`embed_images` plus the U-Net down path's skip features for the up blocks (a tuple of (n, c, h_i, w_i);
+        None for linear patches)."""
         p = self.config.patch_size
-        dtype = self.x_embedder.weight.dtype
+        dtype = self.patch_dtype
         gh, gw = latents.shape[-2] // p, latents.shape[-1] // p
-        tokens = self.x_embedder(patchify(latents.to(dtype), p))  # (n, T, D), T = gh * gw
+        if self.config.patch_embedder == "unet":
+            tokens, skips = self.x_embedder(latents.to(dtype), timestep_embeds.to(dtype))  # (n, T, D), T = gh * gw
+        else:
+            tokens, skips = self.x_embedder(patchify(latents.to(dtype), p)), None  # (n, T, D)
         if self.config.image_pos_embed == "sincos_2d":
             tokens = tokens + self.get_pos_embed(gh, gw, tokens.device, dtype)  # (T, D) broadcast
         mode = self.config.timestep_conditioning
@@ -413,7 +430,12 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         elif mode == "token":
             t_token = self.t_projector(timestep_embeds).unsqueeze(1)  # (n, 1, D)
             tokens = torch.cat([t_token, tokens], dim=1)  # (n, 1 + T, D)
-        return tokens
+        return tokens, skips
+
+    @property
+    def patch_dtype(self) -> torch.dtype:
+        """The dtype of the patch embedder's weights (images are cast to it)."""
+        return next(self.x_embedder.parameters()).dtype
 
     def get_image_features(
         self,
@@ -432,13 +454,23 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         images = as_image_list(latents, self.config)
         if timestep_embeds is None:
             timesteps = self._check_timesteps(timesteps, len(images), images[0].device)
-            timestep_embeds = self.t_embedder(timesteps, self.x_embedder.weight.dtype)
+            timestep_embeds = self.t_embedder(timesteps, self.patch_dtype)
+        return self._image_features_and_skips(images, timestep_embeds)[0]
+
+    def _image_features_and_skips(self, images: list[torch.Tensor], timestep_embeds: torch.Tensor):
+        """`get_image_features` and, for the U-Net path, each image's skips (a tuple of `(c, h_i, w_i)`), else None."""
         per_image: list[torch.Tensor | None] = [None] * len(images)
+        per_image_skips: list | None = None
         for indices in group_by_shape(images):  # one batched call per distinct size
-            tokens = self.embed_images(torch.stack([images[i] for i in indices]), timestep_embeds[indices])
+            stacked = torch.stack([images[i] for i in indices])
+            tokens, skips = self.embed_images_and_skips(stacked, timestep_embeds[indices])
             for j, i in enumerate(indices):
                 per_image[i] = tokens[j]
-        return per_image
+            if skips is not None:
+                per_image_skips = per_image_skips or [None] * len(images)
+                for j, i in enumerate(indices):
+                    per_image_skips[i] = tuple(level[j] for level in skips)
+        return per_image, per_image_skips
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: list[torch.Tensor]) -> torch.BoolTensor:
         """`(B, L)` mask of the `<image>` placeholders, checked against the features: as many placeholders as feature
@@ -505,13 +537,13 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         self._check_image_inputs(input_ids, latents, past_len)
 
         # Text only: the LLM builds its own causal mask and positions, exactly as without the wrapper.
-        mask, image_patch_mask, timestep_embeds = attention_mask, None, None
+        mask, image_patch_mask, timestep_embeds, image_skip_states = attention_mask, None, None, None
         if latents is not None:
             images = as_image_list(latents, self.config)
             check_sequence_length(self.config.text_config, past_len + seq_len, "The sequence (cache + input)")
             timesteps = self._check_timesteps(timesteps, len(images), inputs_embeds.device)
             timestep_embeds = self.t_embedder(timesteps, inputs_embeds.dtype)  # (n, D)
-            image_features = self.get_image_features(images, timestep_embeds=timestep_embeds)  # [(T_i(+1), D)]
+            image_features, image_skip_states = self._image_features_and_skips(images, timestep_embeds)  # [(T_i(+1), D)]
             placeholder_mask = self.get_placeholder_mask(input_ids, image_features)  # (B, L)
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder_mask.unsqueeze(-1), torch.cat(image_features).to(inputs_embeds.dtype)
@@ -555,6 +587,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             attentions=outputs.attentions,
             image_hidden_states=image_hidden_states,
             timestep_embeds=timestep_embeds,
+            image_skip_states=image_skip_states,
         )
 
 
@@ -592,9 +625,14 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         super().__init__(config)
         self.model = MonoFormerModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.final_layer = MonoFormerFinalLayer(
-            config.text_config.hidden_size, config.patch_size, config.out_channels
-        )
+        if config.patch_embedder == "unet":  # the head writes features for the U-Net up blocks
+            self.final_layer = MonoFormerFinalLayer(config.text_config.hidden_size, 1, unet_head_features(config))
+            self.patch_decoder = MonoFormerUNetPatchDecoder(config)
+        else:
+            self.final_layer = MonoFormerFinalLayer(
+                config.text_config.hidden_size, config.patch_size, config.out_channels
+            )
+            self.patch_decoder = None
         # Both auto classes map to this class, so no weight is dropped whichever a user picks.
         auto_map = dict(getattr(config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForCausalLM", "modeling_monoformer.MonoFormerForConditionalGeneration")
@@ -617,11 +655,12 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         return self.model.language_model
 
     # ---------------------------------------------------------------- diffusion head
-    def decode_image_states(self, image_hidden_states, timestep_embeds, latents):
+    def decode_image_states(self, image_hidden_states, timestep_embeds, latents, image_skip_states=None):
         """Image-token hidden states -> diffusion output shaped like `latents` with `config.out_channels` channels.
 
         `image_hidden_states`: `(n, T, D)` or a list of `(T_i, D)`; `timestep_embeds`: `(n, D)`; `latents` gives each
-        image's size and the form of the result (stacked or a list).
+        image's size and the form of the result (stacked or a list); `image_skip_states`: the U-Net path's skips per
+        image (`MonoFormerModelOutputWithPast.image_skip_states`).
         """
         images = as_image_list(latents, self.config)
         states = list(image_hidden_states)  # [(T_i, D)]
@@ -629,7 +668,11 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         for indices in group_by_shape(images):  # one batched call per distinct size
             height, width = images[indices[0]].shape[-2:]
             out = self.final_layer(torch.stack([states[i] for i in indices]), timestep_embeds[indices])  # (n, T, p*p*C)
-            out = unpatchify(out, height, width, self.config.patch_size)  # (n, C_out, h, w)
+            if self.patch_decoder is None:
+                out = unpatchify(out, height, width, self.config.patch_size)  # (n, C_out, h, w)
+            else:  # out: (n, T, r*r*c_last) -> U-Net up blocks with this group's skips, level by level
+                skips = tuple(torch.stack(level) for level in zip(*(image_skip_states[i] for i in indices)))
+                out = self.patch_decoder(out, timestep_embeds[indices].to(out.dtype), skips, height, width)
             for j, i in enumerate(indices):
                 outputs[i] = out[j]
         return like_latents(outputs, latents)
@@ -749,7 +792,9 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
 
         diffusion_output = lm_loss = diffusion_loss = loss = None
         if latents is not None:
-            diffusion_output = self.decode_image_states(outputs.image_hidden_states, outputs.timestep_embeds, latents)
+            diffusion_output = self.decode_image_states(
+                outputs.image_hidden_states, outputs.timestep_embeds, latents, outputs.image_skip_states
+            )
         if labels is not None:
             full_logits = logits if logits.shape[1] == labels.shape[1] else self.lm_head(hidden_states)
             lm_loss = self.lm_loss_function(full_logits, labels, input_ids, **loss_kwargs)

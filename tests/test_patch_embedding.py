@@ -1,0 +1,187 @@
+"""U-Net patch path (`patch_embedder="unet"`): shapes, placeholder counts, prefix cache, training signal, round trips."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from modeling_monoformer import (
+    MonoFormerConfig,
+    MonoFormerForConditionalGeneration,
+    MonoFormerImageProcessor,
+    MonoFormerProcessor,
+    add_training_noise,
+)
+from tests.conftest import make_tokenizer, tiny_llama
+from tests.test_modeling import FRESH_LOAD, image_row
+from tests.test_pipeline import PROMPTS, generate, make_pipe
+
+
+def unet(llm=None, patch_size=4, channels=(8, 16), **overrides):
+    config = dict(
+        latent_channels=1, patch_size=patch_size, patch_embedder="unet", unet_block_channels=list(channels),
+        sample_size=4 * patch_size,
+    )
+    config.update(overrides)
+    return MonoFormerForConditionalGeneration.from_llm(llm or tiny_llama(), **config).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shapes and token counts
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "patch_size, channels, sizes, mode",
+    [
+        (2, (8, 16), [(8, 8), (4, 10)], "adaln"),  # downsample 2, no residual patch
+        (4, (8, 16), [(8, 12), (4, 4)], "token"),  # downsample 2, residual 2x2 patch
+        (7, (8,), [(28, 28), (14, 21)], "add"),  # one level, a 7x7 patch (28x28 images -> 16 tokens)
+        (8, (8, 8, 8, 8), [(16, 8), (8, 16)], "adaln"),  # downsample 8, no residual patch
+    ],
+)
+def test_unet_output_has_the_latents_shape_for_every_size_and_patch(patch_size, channels, sizes, mode):
+    model = unet(patch_size=patch_size, channels=channels, timestep_conditioning=mode, learn_sigma=True)
+    cfg = model.config
+    (h1, w1), (h2, w2) = sizes
+    assert cfg.num_image_tokens(h1, w1) == (h1 // patch_size) * (w1 // patch_size) + (mode == "token")
+    same = torch.tensor([image_row(cfg, [5, 6], h1, w1, suffix=[7])] * 2)
+    with torch.no_grad():
+        out = model(input_ids=same, latents=torch.randn(2, 1, h1, w1), timesteps=torch.tensor([10, 900]))
+    assert out.diffusion_output.shape == (2, 2, h1, w1)  # learn_sigma: 2 x latent_channels
+    # several images of different sizes in one sequence: the list form, each decoded with its own skips
+    row = [5] + image_row(cfg, [], h1, w1) + image_row(cfg, [6], h2, w2, suffix=[7])
+    latents = [torch.randn(1, h1, w1), torch.randn(1, h2, w2)]
+    with torch.no_grad():
+        mixed = model(input_ids=torch.tensor([row]), latents=latents, timesteps=torch.tensor([10, 900]))
+        alone = model(input_ids=torch.tensor([[5] + image_row(cfg, [], h1, w1)]), latents=latents[:1],
+                      timesteps=torch.tensor([10]))
+    assert [tuple(x.shape) for x in mixed.diffusion_output] == [(2, h1, w1), (2, h2, w2)]
+    # the first image cannot see the second (causal across images), so its output is the same alone
+    torch.testing.assert_close(mixed.diffusion_output[0], alone.diffusion_output[0], rtol=1e-4, atol=1e-5)
+
+
+def test_processor_placeholders_follow_the_unet_token_count():
+    tok = make_tokenizer()
+    model = MonoFormerForConditionalGeneration.from_llm(
+        tiny_llama(), tokenizer=tok, latent_channels=1, patch_size=7, patch_embedder="unet",
+        unet_block_channels=[8], vae_scale_factor=1, sample_size=28,
+    )
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=1), tok).configure_for_model(model.config)
+    ids = processor(text=["a coat <image>"], image_sizes=[[(28, 28)]], return_tensors="pt")["input_ids"]
+    assert int((ids == model.config.image_token_id).sum()) == model.config.num_image_tokens(28, 28) == 16
+    with torch.no_grad():
+        out = model(input_ids=ids, latents=torch.randn(1, 1, 28, 28), timesteps=torch.tensor([500]))
+    assert out.diffusion_output.shape == (1, 1, 28, 28)
+    too_many = torch.cat([ids[:, :-1], ids[:, -2:]], dim=1)  # one placeholder more than the image needs
+    with pytest.raises(ValueError, match="placeholders"):
+        model(input_ids=too_many, latents=torch.randn(1, 1, 28, 28), timesteps=torch.tensor([500]))
+
+
+def test_unet_levels_must_divide_the_patch():
+    with pytest.raises(ValueError, match="unet_block_channels"):
+        MonoFormerConfig(patch_size=7, patch_embedder="unet", unet_block_channels=[8, 16], sample_size=28)
+    with pytest.raises(ValueError, match="patch_embedder"):
+        MonoFormerConfig(patch_embedder="conv")
+
+
+def test_text_only_logits_stay_the_base_llms():
+    llm = tiny_llama()
+    model = unet(llm)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[..., :300], llm(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pipeline: prefix cache
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["adaln", "token"])
+def test_unet_prefix_cached_sampling_equals_full_recompute(mode):
+    pipe = make_pipe(
+        pixel_space=True, num_channels=1, latent_channels=1, patch_size=4, sample_size=8, patch_embedder="unet",
+        unet_block_channels=[8, 16], timestep_conditioning=mode,
+    )
+    kw = dict(steps=3, output_type="latent", guidance_scale=3.0, guidance_start=0.3, guidance_stop=1.0)
+    cached = generate(pipe, use_prefix_cache=True, **kw)
+    naive = generate(pipe, use_prefix_cache=False, **kw)
+    assert cached.shape == (len(PROMPTS), 1, 8, 8)
+    torch.testing.assert_close(cached, naive, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training signal
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
+def test_unet_overfits_one_batch_diffusion_loss_down_5x(prediction_type):
+    torch.manual_seed(0)
+    model = unet(patch_size=4, channels=(8, 16), prediction_type=prediction_type).train()
+    scheduler = FlowMatchEulerDiscreteScheduler() if prediction_type == "flow" else DDPMScheduler(
+        prediction_type=prediction_type
+    )
+    x0 = torch.zeros(2, 1, 8, 8)
+    x0[0, :, 2:6, 2:6] = 1.0
+    x0[1, :, :, 3:5] = 1.0
+    noisy, t, target = add_training_noise(scheduler, x0 * 2 - 1, prediction_type, torch.Generator().manual_seed(0))
+    cfg = model.config
+    ids = torch.tensor([image_row(cfg, [5, 6], 8, 8, suffix=[7]), image_row(cfg, [8, 9], 8, 8, suffix=[7])])
+    batch = dict(input_ids=ids, latents=noisy, timesteps=t, diffusion_target=target)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = model(**batch).diffusion_loss.item()
+    for _ in range(40):  # ~30x on a quiet CPU
+        loss = model(**batch).diffusion_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = model(**batch).diffusion_loss.item()
+    assert first / last >= 5, (first, last)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Round trips: remote code in a fresh process, LoRA with the U-Net in modules_to_save
+# ----------------------------------------------------------------------------------------------------------------------
+def test_unet_save_and_load_in_fresh_process_without_package(tmp_path):
+    model = unet(patch_size=4, channels=(8, 16), timestep_conditioning="add")
+    cfg = model.config
+    inputs = dict(
+        input_ids=torch.tensor([image_row(cfg, [5, 6], 8, 8, suffix=[7])]),
+        latents=torch.randn(1, 1, 8, 8),
+        timesteps=torch.tensor([321]),
+    )
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "patch_embedding_monoformer.py").is_file()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_LOAD)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        check=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    results = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        ref = model(**inputs)
+    for name, res in results.items():
+        assert (res["logits"] - ref.logits).abs().max() <= 1e-6, name
+        assert (res["diffusion_output"] - ref.diffusion_output).abs().max() <= 1e-6, name
+
+
+def test_lora_trains_the_unet_blocks_fully():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import train_text_to_image as train
+
+    model = unet(patch_size=4, channels=(8, 16))
+    peft_model = train.add_lora(model, rank=2)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    for module in ("x_embedder.modules_to_save", "patch_decoder.modules_to_save", "final_layer.modules_to_save"):
+        assert any(module in n and "resnets" in n or module in n and "final_layer" in module for n in trainable), module
+    cfg = model.config
+    out = peft_model(
+        input_ids=torch.tensor([image_row(cfg, [5, 6], 8, 8)]), latents=torch.randn(1, 1, 8, 8),
+        timesteps=torch.tensor([100]), diffusion_target=torch.randn(1, 1, 8, 8),
+    )
+    out.loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all(g is not None for n, g in grads.items() if "down_blocks" in n or "up_blocks" in n)
