@@ -23,6 +23,9 @@ CONFIGS = {
     "add / flow / p4": ["--timestep_conditioning", "add"],
     "adaln / epsilon / p4": ["--prediction_type", "epsilon"],
     "adaln / flow / p2": ["--patch_size", "2"],
+    "adaln / flow / U-Net p7 [32]": ["--patch_embedder", "unet", "--patch_size", "7", "--unet_block_channels", "32"],
+    "adaln / flow / U-Net p4 [32, 64]": ["--patch_embedder", "unet", "--unet_block_channels", "32", "64"],
+    "adaln / flow / p4 bf16": ["--mixed_precision", "bf16"],
 }
 METRICS = {
     "class accuracy of samples": "class acc",

@@ -19,6 +19,13 @@ Rows (one table; every pair is timed interleaved, minimum of `--rounds`):
   Peer batched: `sample_many` if it passes a sanity check (its first row equals `sample_one` at the same seed),
   otherwise a loop over `sample_one`; the table says which. Target: ours <= 0.2x peer.
 
+Every row runs once per `--dtypes` entry (default `float32 bfloat16`; bfloat16 rows are skipped with a note where
+`modeling_monoformer.bf16_supported()` says the CPU emulates it). bfloat16: training under `torch.autocast` for both
+models (fp32 master weights, as accelerate's `mixed_precision="bf16"`); sampling with our pipeline in bf16 weights
+(`pipe.to(torch.bfloat16)`) and the peer under `torch.autocast` (its sampler builds fp32 tensors of its own).
+`--patch_embedder unet --patch 7` times our U-Net patch path (16 tokens per 28x28 image) against the peer at its
+linear 4x4 patches (49 tokens): same width/depth/heads and network evaluations, fewer tokens for us by design.
+
 Needs the benchmark extra: `pip install -e ".[peer]"` (transfusion-pytorch==0.20.0; never a package dependency).
 
     python benchmarks/bench_vs_transfusion.py [--rounds 3] [--threads N] [--modality_steps 32] [--batch_prompts 16]
@@ -40,6 +47,7 @@ from modeling_monoformer import (
     MonoFormerImageProcessor,
     MonoFormerPipeline,
     MonoFormerProcessor,
+    bf16_supported,
 )
 from modeling_monoformer.modeling_monoformer import patchify
 from timing import count_forward_calls, interleaved
@@ -59,7 +67,7 @@ def build_ours(args) -> MonoFormerPipeline:
     llm.set_attn_implementation("sdpa")
     model = MonoFormerForConditionalGeneration.from_llm(
         llm, tokenizer=tok, latent_channels=1, patch_size=args.patch, vae_scale_factor=1, sample_size=args.image,
-        prediction_type="flow",
+        prediction_type="flow", patch_embedder=args.patch_embedder, unet_block_channels=args.unet_block_channels,
     )
     processor = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=1), tok)
     pipe = MonoFormerPipeline(model=model, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(), processor=processor)
@@ -80,11 +88,11 @@ def build_peer(args):
         logger.remove()
     except ImportError:
         pass
-    grid = args.image // args.patch
+    grid = args.image // args.peer_patch
     torch.manual_seed(0)
     return Transfusion(
         num_text_tokens=VOCAB,
-        dim_latent=args.patch * args.patch,
+        dim_latent=args.peer_patch * args.peer_patch,
         modality_default_shape=(grid, grid),
         modality_num_dim=2,
         transformer=dict(
@@ -119,8 +127,8 @@ def training_steps(pipe, peer, args):
         input_ids=row, labels=row, latents=(1 - s) * images + s * noise, timesteps=sigmas * 1000,
         diffusion_target=noise - images,
     )
-    grid = args.image // args.patch
-    peer_patches = patchify(images, args.patch).reshape(args.batch, grid, grid, -1)  # (B, 7, 7, 16)
+    grid = args.image // args.peer_patch
+    peer_patches = patchify(images, args.peer_patch).reshape(args.batch, grid, grid, -1)  # (B, 7, 7, 16)
     peer_batch = [[text[i], (0, peer_patches[i])] for i in range(args.batch)]
 
     opt_ours = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -180,6 +188,72 @@ def peer_batched_sampler(peer, prompts, args):
     return "loop of sample_one", lambda g: [peer.sample_one(p, cfg_scale=g, **kwargs) for p in prompts]
 
 
+def time_rows(pipe, peer, args, dtype: torch.dtype) -> list[tuple]:
+    """The table's rows at one dtype: (configuration, unit, ours, peer, target)."""
+    rows = []
+    tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+    bf16 = dtype == torch.bfloat16
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    if not args.skip_training:
+        step_ours, step_peer, seq_len = training_steps(pipe, peer, args)
+
+        def under_autocast(step):
+            def run():
+                with autocast():
+                    step()
+            return run
+
+        pipe.model.train(), peer.train()
+        res = interleaved({"ours": under_autocast(step_ours), "peer": under_autocast(step_peer)},
+                          rounds=args.rounds, warmup=args.warmup)
+        pipe.model.eval(), peer.eval()
+        rows.append((f"{tag} training step, batch {args.batch} x {seq_len} tokens", "s/step", res["ours"][0],
+                     res["peer"][0], 0.5))
+
+    if not args.skip_sampling:
+        prompts_text = [torch.randint(3, 500, (args.text,)) for _ in range(args.batch_prompts)]
+        ours_prompts = [" ".join(WORDS[i] for i in ids.tolist()) for ids in prompts_text]
+        peer_prompts = [peer_prompt(peer, ids) for ids in prompts_text]
+        nfe = count_peer_nfe(peer, peer_prompts[0], args)
+        kwargs = peer_sample_kwargs(args)
+        print(f"peer: midpoint over {args.modality_steps} grid points = {nfe} network evaluations per image "
+              f"(x2 forwards with CFG); ours: num_inference_steps = {nfe} (CFG rows batched)")
+        batched_name, peer_batched = peer_batched_sampler(peer, peer_prompts, args)
+        pipe.to(dtype)
+
+        def ours_call(prompts, g):
+            return lambda: pipe(prompts, num_inference_steps=nfe, guidance_scale=g, output_type="latent",
+                                generator=torch.manual_seed(0))
+
+        def peer_call(sampler):
+            def run():
+                with autocast():
+                    sampler()
+            return run
+
+        for guidance in (1.0, args.guidance):
+            cfg = f"CFG {guidance:g}" if guidance > 1 else "no CFG"
+            with torch.inference_mode():
+                res = interleaved(
+                    {"ours": ours_call(ours_prompts[0], guidance),
+                     "peer": peer_call(lambda: peer.sample_one(peer_prompts[0], cfg_scale=guidance, **kwargs))},
+                    rounds=args.rounds, warmup=args.warmup,
+                )
+            rows.append((f"{tag} sample, batch 1, {cfg}, NFE {nfe}", "s/img", res["ours"][0], res["peer"][0], 0.2))
+            n = args.batch_prompts
+            with torch.inference_mode():
+                res = interleaved(
+                    {"ours": ours_call(ours_prompts, guidance), "peer": peer_call(lambda: peer_batched(guidance))},
+                    rounds=args.rounds, warmup=args.warmup,
+                )
+            rows.append((f"{tag} sample, batch {n} (peer: {batched_name}), {cfg}, NFE {nfe}", "s/img",
+                         res["ours"][0] / n, res["peer"][0] / n, 0.2))
+        pipe.to(torch.float32)
+    return rows
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=256)
@@ -190,7 +264,11 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="training batch")
     parser.add_argument("--text", type=int, default=4, help="text tokens per sample / prompt")
     parser.add_argument("--image", type=int, default=28)
-    parser.add_argument("--patch", type=int, default=4)
+    parser.add_argument("--patch", type=int, default=4, help="our patch (7 with --patch_embedder unet)")
+    parser.add_argument("--peer_patch", type=int, default=4, help="the peer's linear patch")
+    parser.add_argument("--patch_embedder", default="linear", choices=["linear", "unet"])
+    parser.add_argument("--unet_block_channels", type=int, nargs="+", default=[32])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--modality_steps", type=int, default=32, help="peer ODE grid points; NFE = 2 * (n - 1)")
     parser.add_argument("--guidance", type=float, default=3.0, help="CFG scale (the peer's default 3.0)")
     parser.add_argument("--batch_prompts", type=int, default=16)
@@ -208,50 +286,19 @@ def main():
         f"MonoFormer vs transfusion-pytorch 0.20.0 (torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n"
         f"dim {args.dim}, depth {args.depth}, heads {args.heads}; params: ours {count_params(pipe.model):.2f} M, "
-        f"peer {count_params(peer):.2f} M; images {args.image}x{args.image}x1, patch {args.patch}; "
+        f"peer {count_params(peer):.2f} M; images {args.image}x{args.image}x1, patch ours {args.patch} "
+        f"({args.patch_embedder}, {pipe.model.config.num_image_tokens(args.image, args.image)} tokens), peer "
+        f"{args.peer_patch}; "
         f"min of {args.rounds} interleaved rounds"
     )
     rows = []  # (configuration, unit, ours, peer, target)
 
-    if not args.skip_training:
-        step_ours, step_peer, seq_len = training_steps(pipe, peer, args)
-        pipe.model.train(), peer.train()
-        res = interleaved({"ours": step_ours, "peer": step_peer}, rounds=args.rounds, warmup=args.warmup)
-        pipe.model.eval(), peer.eval()
-        rows.append((f"training step, batch {args.batch} x {seq_len} tokens", "s/step", res["ours"][0],
-                     res["peer"][0], 0.5))
-
-    if not args.skip_sampling:
-        prompts_text = [torch.randint(3, 500, (args.text,)) for _ in range(args.batch_prompts)]
-        ours_prompts = [" ".join(WORDS[i] for i in ids.tolist()) for ids in prompts_text]
-        peer_prompts = [peer_prompt(peer, ids) for ids in prompts_text]
-        nfe = count_peer_nfe(peer, peer_prompts[0], args)
-        kwargs = peer_sample_kwargs(args)
-        print(f"peer: midpoint over {args.modality_steps} grid points = {nfe} network evaluations per image "
-              f"(x2 forwards with CFG); ours: num_inference_steps = {nfe} (CFG rows batched)")
-        batched_name, peer_batched = peer_batched_sampler(peer, peer_prompts, args)
-
-        def ours_call(prompts, g):
-            return lambda: pipe(prompts, num_inference_steps=nfe, guidance_scale=g, output_type="latent",
-                                generator=torch.manual_seed(0))
-
-        for guidance in (1.0, args.guidance):
-            cfg = f"CFG {guidance:g}" if guidance > 1 else "no CFG"
-            with torch.inference_mode():
-                res = interleaved(
-                    {"ours": ours_call(ours_prompts[0], guidance),
-                     "peer": lambda: peer.sample_one(peer_prompts[0], cfg_scale=guidance, **kwargs)},
-                    rounds=args.rounds, warmup=args.warmup,
-                )
-            rows.append((f"sample, batch 1, {cfg}, NFE {nfe}", "s/img", res["ours"][0], res["peer"][0], 0.2))
-            n = args.batch_prompts
-            with torch.inference_mode():
-                res = interleaved(
-                    {"ours": ours_call(ours_prompts, guidance), "peer": lambda: peer_batched(guidance)},
-                    rounds=args.rounds, warmup=args.warmup,
-                )
-            rows.append((f"sample, batch {n} (peer: {batched_name}), {cfg}, NFE {nfe}", "s/img",
-                         res["ours"][0] / n, res["peer"][0] / n, 0.2))
+    dtypes = [torch.float32 if d == "float32" else torch.bfloat16 for d in args.dtypes]
+    if torch.bfloat16 in dtypes and not bf16_supported("cpu"):
+        print("bfloat16 rows skipped: this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated)")
+        dtypes.remove(torch.bfloat16)
+    for dtype in dtypes:
+        rows += time_rows(pipe, peer, args, dtype)
 
     width = max(len(r[0]) for r in rows) if rows else 20
     print(f"\n{'configuration':<{width}} {'unit':>6} {'ours':>9} {'peer':>9} {'ratio':>7} {'target':>7}  result")

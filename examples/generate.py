@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--guidance_start", type=float, default=0.25, help="first guided step, fraction of --steps")
     parser.add_argument("--guidance_stop", type=float, default=0.75, help="end of the guided steps, fraction of --steps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16 pays off where the CPU/GPU computes it natively (AVX512-BF16/AMX, CUDA sm80+; "
+                        "`modeling_monoformer.bf16_supported()` tells)")
     parser.add_argument("--output", default="samples.png")
     parser.add_argument("--num_captions", type=int, default=8, help="test images to caption (0: skip)")
     parser.add_argument("--text_prompt", default="It is a truth universally acknowledged, that")
@@ -101,7 +104,8 @@ def main(argv=None):
     start = time.time()
     pipe = DiffusionPipeline.from_pretrained(args.checkpoint, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
-    print(f"loaded {type(pipe).__name__} from {args.checkpoint} in {time.time() - start:.1f} s")
+    pipe.to(getattr(torch, args.dtype))
+    print(f"loaded {type(pipe).__name__} from {args.checkpoint} in {time.time() - start:.1f} s ({pipe.model.dtype})")
 
     # 1. text -> image: one row per prompt
     prompts = [args.prompt] if args.prompt else [PROMPT_TEMPLATE.format(n) for n in CLASS_NAMES]

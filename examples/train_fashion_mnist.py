@@ -71,6 +71,7 @@ from modeling_monoformer import (  # noqa: E402
     MonoFormerImageProcessor,
     MonoFormerPipeline,
     MonoFormerProcessor,
+    bf16_supported,
 )
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -218,7 +219,8 @@ def build_model(args, tokenizer):
     model = MonoFormerForConditionalGeneration.from_llm(
         llm, tokenizer=tokenizer, latent_channels=1, patch_size=args.patch_size, vae_scale_factor=1, sample_size=28,
         timestep_conditioning=args.timestep_conditioning, prediction_type=args.prediction_type,
-        lm_loss_weight=args.lm_loss_weight, diffusion_loss_weight=1.0,
+        lm_loss_weight=args.lm_loss_weight, diffusion_loss_weight=1.0, patch_embedder=args.patch_embedder,
+        unet_block_channels=args.unet_block_channels,
     )
     processor = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=1), tokenizer).configure_for_model(model.config)
     if args.prediction_type == "flow":
@@ -297,6 +299,10 @@ def parse_args(argv=None):
     group.add_argument("--num_heads", type=int, default=6)
     group.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary trained on captions + text")
     group.add_argument("--patch_size", type=int, default=4, choices=[2, 4, 7], help="4: 49 tokens per image")
+    group.add_argument("--patch_embedder", default="linear", choices=["linear", "unet"],
+                       help="unet: Transfusion's down/up conv blocks around the transformer (suits --patch_size 7)")
+    group.add_argument("--unet_block_channels", type=int, nargs="+", default=[32],
+                       help="U-Net level widths; L levels downsample by 2^(L-1), which must divide --patch_size")
     group.add_argument("--timestep_conditioning", default="adaln", choices=["adaln", "token", "add"])
     group.add_argument("--prediction_type", default="flow", choices=["flow", "epsilon", "v_prediction"])
     group.add_argument("--lm_loss_weight", type=float, default=0.5)
@@ -319,6 +325,9 @@ def parse_args(argv=None):
     group.add_argument("--ema_decay", type=float, default=0.995)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "auto"],
+                       help="bf16 autocast for forward/backward (weights, optimiser and EMA stay fp32); auto: bf16 "
+                            "where the CPU computes it natively (modeling_monoformer.bf16_supported)")
     group = parser.add_argument_group("logging and output")
     group.add_argument("--output_dir", required=True)
     group.add_argument("--sample_every_minutes", type=float, default=8.0, help="sample grid + loss curve interval")
@@ -413,6 +422,7 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "loss_history.json"), "w") as f:
             json.dump(history, f)
 
+    use_bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and bf16_supported("cpu"))
     model.train()
     progress = tqdm(total=args.max_steps, desc="training", dynamic_ncols=True)
     step = 0
@@ -423,7 +433,8 @@ def main(argv=None):
         done = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, done, args.warmup_steps)
-        out = model(**sample_batch())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(**sample_batch())
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -9,6 +9,7 @@ from .modeling_monoformer import (
     MonoFormerPreTrainedModel,
 )
 from .pipeline_monoformer import MonoFormerPipeline
+from .precision_monoformer import bf16_supported, preferred_dtype, resolve_dtype
 from .processing_monoformer import MonoFormerProcessor
 
 __version__ = "0.1.0"
@@ -23,4 +24,7 @@ __all__ = [
     "MonoFormerPipeline",
     "MonoFormerDataCollator",
     "add_training_noise",
+    "bf16_supported",
+    "preferred_dtype",
+    "resolve_dtype",
 ]

@@ -163,6 +163,23 @@ def test_recipe_runs_end_to_end_and_is_reproducible(tmp_path):
     assert images.images.shape == (1, 28, 28, 1)
 
 
+def test_recipe_trains_the_unet_patch_path_in_bf16(tmp_path):
+    require_fashion_mnist()
+    args = [
+        "--subset", "32", "--max_steps", "2", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
+        "--vocab_size", "300", "--batch_size", "4", "--text_fraction", "0", "--sample_steps", "2", "--warmup_steps", "1",
+        "--patch_embedder", "unet", "--patch_size", "7", "--unet_block_channels", "8", "--mixed_precision", "bf16",
+        "--output_dir", str(tmp_path),
+    ]
+    summary = recipe.main(args)
+    assert np.isfinite(summary["final_diffusion_loss"])
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)
+    assert reloaded.model.config.patch_embedder == "unet" and reloaded.model.config.num_image_tokens(28, 28) == 16
+    reloaded.set_progress_bar_config(disable=True)
+    images = reloaded("a photo of a bag", num_inference_steps=2, generator=torch.manual_seed(0), output_type="np")
+    assert images.images.shape == (1, 28, 28, 1) and np.isfinite(images.images).all()
+
+
 def test_austen_loader_reads_the_novels_and_holds_out_persuasion():
     train, test = recipe.load_austen_texts(split="train"), recipe.load_austen_texts(split="test")
     assert len(train) > 5000 and len(test) > 500

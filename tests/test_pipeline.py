@@ -633,3 +633,28 @@ def test_guiders_needing_more_than_two_batched_predictions_are_refused(guider):
         pipe("a coat", num_inference_steps=1)
     with pytest.raises(TypeError, match="guider"):
         MonoFormerPipeline(**{**pipe.components, "guider": guider})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bfloat16
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("patch_embedder", ["linear", "unet"])
+def test_bf16_sampling_runs_finite_and_near_fp32(patch_embedder):
+    from modeling_monoformer import bf16_supported, preferred_dtype, resolve_dtype
+
+    pipe = make_pipe(
+        DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"), pixel_space=True,
+        num_channels=1, latent_channels=1, prediction_type="flow", patch_size=4, patch_embedder=patch_embedder,
+        unet_block_channels=[8, 16],
+    )
+    kw = dict(steps=4, guidance_scale=3.0, guidance_start=0.25, guidance_stop=0.75, output_type="pt")
+    ref = generate(pipe, **kw)
+    pipe.to(torch.bfloat16)
+    out = generate(pipe, **kw)
+    assert pipe.model.dtype == torch.bfloat16 and out.dtype == torch.float32  # postprocessed in fp32
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.1  # images in [0, 1]; bf16 keeps ~3 significant digits
+    assert preferred_dtype("cpu") == (torch.bfloat16 if bf16_supported("cpu") else torch.float32)
+    assert resolve_dtype("float32") == torch.float32 and resolve_dtype("auto") == preferred_dtype()
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("fp8")
