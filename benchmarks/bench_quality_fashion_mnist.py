@@ -386,6 +386,8 @@ def main():
     parser.add_argument("--num_captions", type=int, default=1000)
     parser.add_argument("--ppl_windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="score the checkpoint at each (e.g. `--dtypes float32 bfloat16`: the cost of bf16)")
     parser.add_argument("--sweep", action="store_true",
                         help="sampler settings table: schedulers x steps x guidance scales (images only)")
     parser.add_argument("--sweep_schedulers", nargs="+", default=["euler", "dpm", "unipc", "heun"])
@@ -473,11 +475,16 @@ def main():
         sweep(pipe, scorer, args)
         return
     set_scheduler(pipe, scheduler)
-    ours = sample_ours(pipe, args.per_class, steps, guidance, (start, stop))
-    results["ours"] = {**scorer.score(ours["images"], ours["labels"]), **ours, **run_summary(args.checkpoint)}
+    for dtype in args.dtypes:  # the same seeds at each dtype
+        pipe.to(getattr(torch, dtype))
+        ours = sample_ours(pipe, args.per_class, steps, guidance, (start, stop))
+        name = "ours" if len(args.dtypes) == 1 else f"ours {dtype}"
+        results[name] = {**scorer.score(ours["images"], ours["labels"]), **ours, **run_summary(args.checkpoint)}
     print(f"\ncheckpoint {args.checkpoint}; sampler {type(pipe.scheduler).__name__}, {steps} steps, guidance "
           f"{guidance} on steps {start:g}-{stop:g}, {args.per_class} samples per class")
     print_image_table(results, scorer)
+    if len(args.dtypes) > 1:
+        return  # the dtype comparison is about images; captions and perplexity follow with one dtype
 
     caption_acc = caption_accuracy(pipe.model, pipe.processor, test, args.num_captions) if args.num_captions else None
     ppl, count = perplexity(pipe.model, pipe.processor.tokenizer, args.ppl_windows) if args.ppl_windows else (None, 0)
