@@ -80,9 +80,11 @@ def test_processor_placeholders_follow_the_unet_token_count():
 
 
 def test_unet_levels_must_divide_the_patch():
-    with pytest.raises(ValueError, match="unet_block_channels"):
+    from huggingface_hub.errors import StrictDataclassError
+
+    with pytest.raises(StrictDataclassError, match="unet_block_channels"):
         MonoFormerConfig(patch_size=7, patch_embedder="unet", unet_block_channels=[8, 16], sample_size=28)
-    with pytest.raises(ValueError, match="patch_embedder"):
+    with pytest.raises(StrictDataclassError, match="patch_embedder"):
         MonoFormerConfig(patch_embedder="conv")
 
 
