@@ -8,6 +8,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -272,7 +273,9 @@ class MonoFormerPipeline(DiffusionPipeline):
                 )
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if guidance_scale is not None and (not isinstance(guidance_scale, (int, float)) or guidance_scale < 0):
+        if guidance_scale is not None and (
+            not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0
+        ):
             raise ValueError(
                 f"`guidance_scale` must be a number >= 0 (<= 1 disables classifier-free guidance), got "
                 f"{guidance_scale!r}."
@@ -281,6 +284,11 @@ class MonoFormerPipeline(DiffusionPipeline):
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(
+                f"`latents` must be a torch.Tensor, got {type(latents).__module__}.{type(latents).__name__}: convert it "
+                "with `torch.as_tensor(latents)`."
+            )
         if latents is not None:
             config = self.model.config
             shape = (
@@ -289,11 +297,13 @@ class MonoFormerPipeline(DiffusionPipeline):
                 height // self.vae_scale_factor,
                 width // self.vae_scale_factor,
             )
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            if tuple(latents.shape) != shape:
                 raise ValueError(
                     f"`latents` must be a tensor of shape {shape} (batch x num_images_per_prompt, channels, height / "
-                    f"vae_scale_factor, width / vae_scale_factor), got {getattr(latents, 'shape', type(latents))}."
+                    f"vae_scale_factor, width / vae_scale_factor), got {tuple(latents.shape)}."
                 )
+            if not torch.isfinite(latents).all():
+                raise ValueError("`latents` holds NaN or infinite values: pass finite initial noise.")
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -359,6 +369,12 @@ class MonoFormerPipeline(DiffusionPipeline):
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         """Draw the initial noise with `randn_tensor` (or take `latents`) and scale it by `init_noise_sigma`."""
         shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(
+                f"`generator` must be a torch.Generator (e.g. `torch.Generator().manual_seed(0)`) or a list of them, "
+                f"got {generator!r}."
+            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators but {batch_size} images are made (batch size x "
@@ -589,8 +605,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         config = self.model.config
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
-        height = height or config.sample_size * self.vae_scale_factor
-        width = width or config.sample_size * self.vae_scale_factor
+        height = config.sample_size * self.vae_scale_factor if height is None else height  # 0 is refused, not defaulted
+        width = config.sample_size * self.vae_scale_factor if width is None else width
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -670,6 +686,11 @@ class MonoFormerPipeline(DiffusionPipeline):
                     for k in callback_on_step_end_tensor_inputs:  # a loop: a comprehension has its own locals()
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    if not isinstance(callback_outputs, dict):
+                        raise TypeError(
+                            "`callback_on_step_end` must return a dict (the `callback_kwargs` it received, changed or "
+                            f"not), got {type(callback_outputs).__name__} at step {i}."
+                        )
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
 

@@ -73,6 +73,9 @@ class MonoFormerProcessor(ProcessorMixin):
             missing = [t for t in (boi_token, eoi_token, image_token) if t not in tokenizer.get_vocab()]
             if missing:
                 tokenizer.add_tokens(missing, special_tokens=True)
+            # Decoder-only generation continues every row from its last column: left padding, whatever the LLM's
+            # tokenizer shipped with (SmolLM2's pads right). Training collators pass `padding_side="right"`.
+            tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     # ---------------------------------------------------------------- configuration
@@ -210,6 +213,12 @@ class MonoFormerProcessor(ProcessorMixin):
                 image_processor.auto_map = auto_map
         else:
             image_processor = MonoFormerImageProcessor.from_pretrained(path)
+        vocabulary_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in vocabulary_files):
+            raise ValueError(
+                f"{path!r} has no tokenizer.json (nor another vocabulary file): the processor's tokenizer cannot be "
+                "loaded. Restore the file from the folder the checkpoint was converted or saved from."
+            )
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 

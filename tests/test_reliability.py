@@ -294,3 +294,142 @@ def test_uncaptioned_images_are_counted_in_one_warning(tmp_path, caplog):
     assert [r["text"] for r in records] == ["", "", "", rows[3]["text"]]
     warnings = [r.getMessage() for r in caplog.records if "unconditional" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("3 of 4 images")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2 and 13. Loading: a folder without config.json, or weights the config no longer describes, is an error
+# ----------------------------------------------------------------------------------------------------------------------
+def test_default_config_is_not_a_7b_model():
+    from modeling_monoformer import MonoFormerConfig
+
+    text = MonoFormerConfig().text_config
+    assert (text.model_type, text.hidden_size, text.num_hidden_layers) == ("llama", 576, 30)
+
+
+def test_folder_without_config_json_is_refused_before_building(assets, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(assets["pixel"], folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"has no config\.json"):
+        MonoFormerForConditionalGeneration.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("edit", [{"timestep_conditioning": "token"}, {"text_config": {"num_hidden_layers": 1}},
+                                  {"text_config": {"num_hidden_layers": 3}}])
+def test_config_edited_after_saving_is_an_error_on_load(assets, tmp_path, edit):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(assets["pixel"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in edit.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"do not match its config \((missing|unexpected) keys"):
+        MonoFormerForConditionalGeneration.from_pretrained(folder)
+    model, info = MonoFormerForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] or info["unexpected_keys"]
+
+
+def test_processor_folder_without_tokenizer_json_names_the_file(assets, tmp_path):
+    import shutil
+
+    folder = tmp_path / "processor"
+    shutil.copytree(assets["pixel"], folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"has no tokenizer\.json"):
+        MonoFormerProcessor.from_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Float images already in [0, 1] / [-1, 1]: the "already rescaled" warning, and do_rescale=False works
+# ----------------------------------------------------------------------------------------------------------------------
+def test_image_processor_warns_on_already_rescaled_floats(caplog):
+    from transformers.utils import logging as hf_logging
+
+    image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    processor = MonoFormerImageProcessor()
+    with caplog.at_level("WARNING"):
+        black = processor(image, return_tensors="pt")["pixel_values"]
+    assert black.max() < -0.99  # what the user gets without the flag ...
+    assert "already rescaled" in caplog.text and "do_rescale=False" in caplog.text  # ... and is told
+    good = processor(image, return_tensors="pt", do_rescale=False)["pixel_values"][0]
+    assert torch.allclose(good, image * 2 - 1, atol=1e-6)
+    signed = image * 2 - 1
+    same = processor(signed, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"][0]
+    assert torch.allclose(same, signed, atol=1e-6)
+    gray = MonoFormerImageProcessor(num_channels=1)(image, return_tensors="pt", do_rescale=False)["pixel_values"][0]
+    luma = (image * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    assert torch.allclose(gray, luma * 2 - 1, atol=1e-5)  # float luma is not rounded to 0/1
+    hf_logging.set_verbosity_warning()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6 and 14. Pipeline and model arguments are validated up front, naming the argument and what was received
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from tests.test_pipeline import make_pipe
+
+    return make_pipe(pixel_space=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(latents=torch.full((1, 3, 8, 8), float("nan"))), ValueError, "`latents` holds NaN"),
+        (dict(latents=torch.full((1, 3, 8, 8), float("inf"))), ValueError, "`latents` holds NaN or infinite"),
+        (dict(latents=torch.zeros(1, 3, 8, 8).numpy()), TypeError, r"`latents` must be a torch\.Tensor, got numpy"),
+        (dict(guidance_scale=float("nan")), ValueError, "`guidance_scale` must be a number"),
+        (dict(guidance_scale=float("inf")), ValueError, "`guidance_scale` must be a number"),
+        (dict(height=0), ValueError, "`height` must be a positive multiple .* got 0"),
+        (dict(width=0), ValueError, "`width` must be a positive multiple .* got 0"),
+        (dict(generator=0), TypeError, r"`generator` must be a torch\.Generator .* got 0"),
+        (dict(callback_on_step_end=lambda pipe, i, t, kw: None), TypeError,
+         "`callback_on_step_end` must return a dict .* got NoneType"),
+    ],
+)
+def test_bad_pipeline_arguments_name_the_argument(tiny_pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tiny_pipe("a red square", num_inference_steps=2, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 1001.0])
+def test_model_refuses_timesteps_off_the_scheduler_scale(pixel_model, bad):
+    model, _ = pixel_model
+    c = model.config
+    ids = torch.tensor([[5, c.boi_token_id] + [c.image_token_id] * c.num_image_tokens(4, 4) + [c.eoi_token_id]])
+    with pytest.raises(ValueError, match=r"`timesteps` must be finite and in \[0, 1000\]"):
+        model(input_ids=ids, latents=torch.zeros(1, 3, 4, 4), timesteps=torch.tensor([bad]))
+    model(input_ids=ids, latents=torch.zeros(1, 3, 4, 4), timesteps=torch.tensor([1000.0]))  # flow: sigma = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7 and 8. Generation: left padding by default, and a too-long request refused before the first token
+# ----------------------------------------------------------------------------------------------------------------------
+def test_processor_pads_left_even_when_the_tokenizer_pads_right(pixel_model):
+    model, processor = pixel_model
+    tok = processor.tokenizer
+    tok.padding_side = "right"  # as SmolLM2's tokenizer ships
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(), tok).configure_for_model(model.config)
+    batch = processor(text=["a photo of a sneaker", "a bag"])
+    assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][1, -1] == 1
+    model.eval()
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    alone = model.generate(**processor(text=["a bag"]), max_new_tokens=3, do_sample=False)
+    assert torch.equal(out[1, -3:], alone[0, -3:])
+    assert processor(text=["a", "a b c"], padding_side="right")["attention_mask"][0, -1] == 0
+
+
+def test_generate_past_the_position_limit_is_refused_up_front(pixel_model):
+    model, processor = pixel_model
+    model.eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    prompt = processor(text=["a photo of a bag"])
+    n = prompt["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=rf"max_new_tokens`=600 needs {n + 600} positions.*at most {512 - n} new"):
+        model.generate(**prompt, max_new_tokens=600, do_sample=False)
+    assert not calls  # refused before the first forward pass

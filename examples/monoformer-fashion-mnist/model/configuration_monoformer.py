@@ -15,6 +15,10 @@ TIMESTEP_CONDITIONING_MODES = get_args(TimestepConditioning)
 IMAGE_POS_EMBED_TYPES = get_args(ImagePosEmbed)
 PREDICTION_TYPES = get_args(PredictionType)
 PATCH_EMBEDDERS = get_args(PatchEmbedder)
+DEFAULT_TEXT_CONFIG = {
+    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+}
 
 
 @strict
@@ -26,7 +30,8 @@ class MonoFormerConfig(PreTrainedConfig):
 
     Args:
         text_config (`dict` or `PretrainedConfig`, *optional*):
-            Config of the LLM body (Llama, Qwen2, Mistral, ...). A dict without `model_type` is read as Llama.
+            Config of the LLM body (Llama, Qwen2, Mistral, ...). A dict without `model_type` is read as Llama; none
+            at all gives a Llama shaped like SmolLM2-135M (135 M parameters).
         latent_channels (`int`, defaults to 4):
             Channels of the image latents (4 for a Stable-Diffusion VAE, 1 or 3 for pixel-space models).
         patch_size (`int`, defaults to 2):
@@ -80,7 +85,11 @@ class MonoFormerConfig(PreTrainedConfig):
     """
 
     model_type = "monoformer"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    # Without a `text_config`: a Llama shaped like SmolLM2-135M (the LLM the examples convert), not transformers'
+    # 7B-sized LlamaConfig() defaults, which nobody asks for by omission.
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=DEFAULT_TEXT_CONFIG)
+    }
 
     text_config: dict | PreTrainedConfig | None = None
     latent_channels: int = 4

@@ -373,6 +373,12 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             raise ValueError(
                 f"`timesteps` must have shape ({n_images},), one per image in `latents`, got {tuple(timesteps.shape)}."
             )
+        limit = self.config.num_train_timesteps
+        if ((timesteps < 0) | (timesteps > limit) | timesteps.isnan()).any():  # NaN fails every comparison
+            raise ValueError(
+                f"`timesteps` must be finite and in [0, {limit}] (`num_train_timesteps`; DDPM steps, flow models "
+                f"sigma * {limit}), got {timesteps.tolist()}."
+            )
         return timesteps.to(device)
 
     def _check_image_inputs(self, input_ids: torch.LongTensor | None, latents, past_len: int) -> None:
@@ -826,6 +832,51 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
             model_inputs["latents"] = pixel_values_as_latents(self.config, pixel_values, latents)
             model_inputs["timesteps"] = timesteps
         return model_inputs
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """Refuse, before the first token, a generation that would run past the LLM's `max_position_embeddings`
+        (the forward pass refuses such a sequence, which would lose every token generated up to it)."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        if max_positions is not None and generation_config.max_length > max_positions:
+            raise ValueError(
+                f"A {input_ids_length}-token prompt plus `max_new_tokens`={generation_config.max_length - input_ids_length}"
+                f" needs {generation_config.max_length} positions, more than the LLM's max_position_embeddings="
+                f"{max_positions}: ask for at most {max(max_positions - input_ids_length, 0)} new tokens."
+            )
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict about our own checkpoints.
+
+        - A local folder without `config.json` is refused before anything is built (transformers would build the
+          default config and only then fail to fit the weights);
+        - missing or unexpected weights raise a `ValueError` naming them: they mean the config no longer describes
+          the weights (an edited `timestep_conditioning` or `num_hidden_layers`, say), and the model would silently
+          compute something else. Pass `output_loading_info=True` to receive the report instead of the error.
+        """
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path or ""), kwargs.get("subfolder") or "")
+        if kwargs.get("config") is None and folder and os.path.isdir(folder) and not os.path.isfile(
+            os.path.join(folder, "config.json")
+        ):
+            raise ValueError(
+                f"{folder!r} has no config.json, so it is not a MonoFormer checkpoint folder: restore the file (it is "
+                "written by `save_pretrained` next to the weights) or pass `config=`."
+            )
+        if kwargs.get("output_loading_info"):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              **kwargs)
+        problems = [f"{name.replace('_', ' ')}: {sorted(info[name])}" for name in ("missing_keys", "unexpected_keys")
+                    if info.get(name)]
+        if problems:
+            raise ValueError(
+                f"The weights in {folder!r} do not match its config ({'; '.join(problems)}). Was config.json edited "
+                "(timestep_conditioning, num_hidden_layers, ...)? Restore the config the weights were saved with, or "
+                "pass `output_loading_info=True` to load anyway and inspect the report."
+            )
+        return model
 
     # ---------------------------------------------------------------- wrapping a pretrained LLM
     @classmethod

@@ -4,6 +4,9 @@ import numpy as np
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 class MonoFormerImagesKwargs(ImagesKwargs, total=False):
@@ -13,7 +16,9 @@ class MonoFormerImagesKwargs(ImagesKwargs, total=False):
 class MonoFormerImageProcessor(PilBackend):
     r"""
     Converts images to the `[-1, 1]` range the VAE (or a pixel-space MonoFormer) expects, with `num_channels` 3 (RGB)
-    or 1 (grayscale). Needs no torchvision. By default images keep their size; set `do_resize=True` and
+    or 1 (grayscale). Inputs are read as `[0, 255]` (`do_rescale=True`); for float images already in `[0, 1]` pass
+    `do_rescale=False`, for images already in `[-1, 1]` also `do_normalize=False` (a warning says so, as in
+    transformers' image processors). Needs no torchvision. By default images keep their size; set `do_resize=True` and
     `size={"height": H, "width": W}` to resize (the processor checks that sizes fit the model's patch grid).
 
     Example:
@@ -52,10 +57,23 @@ class MonoFormerImageProcessor(PilBackend):
         if self.num_channels == 1 and image.shape[0] == 3:
             # ITU-R 601-2 luma, the transform PIL's convert("L") applies
             weights = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, 1, 1)
-            image = (image.astype(np.float32) * weights).sum(0, keepdims=True).round().astype(image.dtype)
+            gray = (image.astype(np.float32) * weights).sum(0, keepdims=True)
+            image = gray.round().astype(image.dtype) if np.issubdtype(image.dtype, np.integer) else gray
         elif self.num_channels == 3 and image.shape[0] == 1:
             image = np.repeat(image, 3, axis=0)
         return image
+
+    def _preprocess(self, images, do_rescale, **kwargs):
+        if do_rescale and any(
+            np.issubdtype(image.dtype, np.floating) and image.size and image.min() >= -1 and image.max() <= 1
+            for image in images
+        ):
+            logger.warning_once(
+                "It looks like you are trying to rescale already rescaled images (float values within [-1, 1]); "
+                "they would come out almost uniformly -1 (black). For images in [0, 1] pass `do_rescale=False`; for "
+                "images already in [-1, 1] pass `do_rescale=False, do_normalize=False`."
+            )
+        return super()._preprocess(images, do_rescale=do_rescale, **kwargs)
 
 
 MonoFormerImageProcessor.register_for_auto_class("AutoImageProcessor")
