@@ -64,7 +64,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-TEMPORARY_RE = re.compile(r"^(checkpoint-\d+|pipeline|adapter)\.tmp$")
+TEMPORARY_RE = re.compile(r"^(checkpoint-\d+|pipeline|adapter)\.(tmp|delete)$")
 OPTIMISATION_FLAGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
                       "adam_weight_decay", "adam_epsilon", "max_grad_norm")
 
@@ -416,8 +416,8 @@ def list_checkpoints(output_dir) -> list[tuple[int, str]]:
 
 
 def remove_stale_temporaries(output_dir) -> list[str]:
-    """Delete what a killed run left half-written (`checkpoint-<N>.tmp/`, `pipeline.tmp/`, `adapter.tmp/`): a later
-    save must never reuse, and carry over, a partial file."""
+    """Delete what a killed run left half-written (`checkpoint-<N>.tmp/`, `pipeline.tmp/`, `adapter.tmp/`) or
+    half-deleted (`*.delete/`): a later save must never reuse, and carry over, a partial file."""
     if not os.path.isdir(output_dir):
         return []
     stale = sorted(name for name in os.listdir(output_dir) if TEMPORARY_RE.match(name))
@@ -442,10 +442,20 @@ def move_aside_newer_checkpoints(output_dir, step: int) -> str | None:
 
 
 def replace_folder(tmp: str, final: str) -> None:
-    """Put a fully written `tmp` folder at `final` (a crash at any point leaves the old folder or the new one)."""
+    """Put a fully written `tmp` folder at `final`; a crash at any point never leaves a partial folder under `final`."""
     if os.path.isdir(final):
-        shutil.rmtree(final)
+        os.replace(final, final + ".delete")
     os.replace(tmp, final)
+    delete_folder(final + ".delete")
+
+
+def delete_folder(path: str) -> None:
+    """Rename, then delete: a crash during the deletion leaves a `*.delete` folder (removed at the next start), never
+    a half-deleted folder under a checkpoint's name."""
+    if os.path.isdir(path) and not path.endswith(".delete"):
+        os.replace(path, path + ".delete")
+        path += ".delete"
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def optimisation_settings(args) -> dict:
@@ -694,7 +704,7 @@ def main(argv=None):
             replace_folder(tmp, final)  # a crash while saving never damages the previous checkpoints
             if args.checkpoints_total_limit:
                 for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
+                    delete_folder(old)
         accelerator.wait_for_everyone()
 
     prompts = args.validation_prompts or [r["text"] for r in records[:2]]
