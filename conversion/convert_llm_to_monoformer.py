@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Turn any Hugging Face causal LLM into a MonoFormer checkpoint.
+r"""Turn any Hugging Face causal LLM into a MonoFormer checkpoint.
 
 The LLM's weights are copied unchanged; `<boi>`, `<eoi>` and `<image>` are added to the tokenizer; the embedding
 matrix (and an untied `lm_head`) grows to `max(current rows, len(tokenizer))` with the new rows set to the mean of

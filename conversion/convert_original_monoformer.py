@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert the original MonoFormer release (github.com/MonoFormer/MonoFormer, HF `MonoFormer/MonoFormer_ImageNet_256`)
+r"""Convert the original MonoFormer release (github.com/MonoFormer/MonoFormer, HF `MonoFormer/MonoFormer_ImageNet_256`)
 into this package's format.
 
 The release's `config.json` says `model_type: "llama"`, so `AutoModel` would load a plain Llama and silently drop the

@@ -5,8 +5,8 @@ One set of weights does all three. The checkpoint (`examples/monoformer-fashion-
 `examples/train_fashion_mnist.py`) is a self-contained diffusers folder: this script needs only `diffusers`,
 `transformers` and `torch` (the `modeling_monoformer` package is not imported; its code travels with the folder).
 
-    python examples/generate.py                                  # samples.png: one row per class
-    python examples/generate.py --prompt "a photo of a sneaker" --seed 3 --steps 30 --output sneakers.png
+    python examples/generate.py                                  # outputs/samples.png: one row per class
+    python examples/generate.py --prompt "a photo of a sneaker" --seed 3 --steps 30 --output outputs/sneakers.png
 
 Captioning reads the Fashion-MNIST test set (`apt-get install -y dataset-fashion-mnist`); without it that part is
 skipped with a note.
@@ -45,7 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16 pays off where the CPU/GPU computes it natively (AVX512-BF16/AMX, CUDA sm80+; "
                         "`modeling_monoformer.bf16_supported()` tells)")
-    parser.add_argument("--output", default="samples.png")
+    parser.add_argument("--output", default=os.path.join("outputs", "samples.png"),
+                        help="Where the image grid goes (outputs/ is git-ignored, so the checkout stays clean).")
     parser.add_argument("--num_captions", type=int, default=8, help="test images to caption (0: skip)")
     parser.add_argument("--text_prompt", default="It is a truth universally acknowledged, that")
     parser.add_argument("--max_new_tokens", type=int, default=40)
@@ -116,6 +117,7 @@ def main(argv=None):
         generator=torch.Generator().manual_seed(args.seed), output_type="np",
     ).images
     labels = [p.removeprefix("a photo of ") for p in prompts]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     labelled_grid(images[..., 0], labels, args.per_prompt).save(args.output)
     print(f"wrote {args.output}: {len(images)} images, {args.steps} steps, guidance {args.guidance_scale} "
           f"({time.time() - t0:.1f} s)")

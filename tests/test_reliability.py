@@ -168,6 +168,7 @@ def test_stale_temporary_folders_of_a_killed_run_are_removed(assets, tmp_path):
     (out / "pipeline" / "model").mkdir(parents=True)
     (out / "pipeline" / "model" / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 1024)
     (out / "pipeline.tmp" / "model").mkdir(parents=True)
+    (out / "checkpoint-1.delete").mkdir()  # killed while --checkpoints_total_limit deleted it
     train.main(script_args(assets, out, "--checkpointing_steps", "2", steps=2))
     assert not (out / "checkpoint-2" / ".model.safetensors.partial").exists()
     assert not list(out.glob("*.tmp"))
@@ -433,3 +434,40 @@ def test_generate_past_the_position_limit_is_refused_up_front(pixel_model):
     with pytest.raises(ValueError, match=rf"max_new_tokens`=600 needs {n + 600} positions.*at most {512 - n} new"):
         model.generate(**prompt, max_new_tokens=600, do_sample=False)
     assert not calls  # refused before the first forward pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 15. What the README promises: no file dropped in the checkout, --help as written, portable cards, trained size
+# ----------------------------------------------------------------------------------------------------------------------
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_generate_writes_into_the_ignored_outputs_folder():
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import generate
+
+    output = pathlib.PurePath(generate.parse_args([]).output)
+    assert output.parts[0] == "outputs" and "outputs/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("script", ["conversion/convert_llm_to_monoformer.py", "conversion/convert_original_monoformer.py",
+                                    "examples/train_text_to_image.py", "examples/train_fashion_mnist.py"])
+def test_help_epilog_keeps_the_line_continuations(script):
+    import ast
+
+    source = (REPO / script).read_text()
+    docstring = ast.get_docstring(ast.parse(source), clean=False)
+    written = source.split('"""')[1]  # the docstring as typed in the file
+    assert len(docstring.splitlines()) == len(written.splitlines())
+    assert sum(line.endswith("\\") for line in docstring.splitlines()) >= 1
+
+
+def test_trained_pipeline_card_is_portable_and_samples_the_trained_size(assets, tmp_path):
+    out = tmp_path / "out"
+    train.main(script_args(assets, out, steps=1))  # pixel base: sample_size 8; the images are 16 x 16
+    card = (out / "pipeline" / "README.md").read_text()
+    assert str(tmp_path) not in card and "base-pixel" in card
+    config = json.loads((out / "pipeline" / "model" / "config.json").read_text())
+    assert config["sample_size"] == 16
