@@ -2,18 +2,20 @@
 with `--resume_from_checkpoint latest`, and compare with an uninterrupted run.
 
 For each configuration (full fine-tune and LoRA; one process, and two processes through `accelerate launch` on gloo)
-one uninterrupted run gives the reference loss history. Then, `--kills` times per configuration, a fresh run is started
-and, when the k-th checkpoint (k random) starts being written (its `checkpoint-<N>.tmp/` folder appears), the whole
-process group is killed with SIGKILL after a random delay of 0 to `--max_delay_ms` ms (so inside the save, or just
-after it). Every checkpoint left on disk is then checked (each file present and readable), the run is resumed to the
-end, and its full loss history is compared with the reference one, bit for bit.
+one uninterrupted run gives the reference loss history. Then one run is killed `--kills` times: each start (the first
+fresh, the others with `--resume_from_checkpoint latest`) is killed with SIGKILL (the launcher and every worker) a
+random 0 to `--max_delay_ms` ms after a randomly chosen later checkpoint starts being written (its
+`checkpoint-<N>.tmp/` folder appears), so inside the save or just after it; a last start runs to the end. After each
+kill every checkpoint on disk is checked (each file present and readable) and its loss history compared with the
+reference's first N steps; at the end the whole history is compared with the reference, bit for bit.
 
-Reported per configuration: kills, kills that landed inside a save (the `.tmp` folder still there), runs resumed to
-the end, checkpoints corrupted (present but unreadable), leftovers after the resumed run (`*.tmp` or `abandoned-*`
-folders), and loss histories identical to the uninterrupted run. Targets: >= 20 kills, 0 runs lost, 0 corrupted,
-0 leftovers, every history identical.
+Reported per configuration: kills, kills that landed inside a save (a `checkpoint-<N>.tmp/` being written or an old
+checkpoint being deleted, `.delete`, at the kill: those folders are never read and are removed at the next start),
+starts that resumed and trained on, checkpoints corrupted (present but unreadable), leftovers after the last start
+(`*.tmp`, `*.delete` or `abandoned-*` folders), and loss histories identical to the uninterrupted run. Targets:
+>= 20 kills, 0 runs lost, 0 corrupted, 0 leftovers, every history identical.
 
-    python benchmarks/bench_kill_resume.py [--kills 5] [--steps 6] [--configs full-1,lora-1,full-2,lora-2]
+    python benchmarks/bench_kill_resume.py [--kills 5] [--steps 12] [--configs full-1,lora-1,full-2,lora-2]
 """
 
 import argparse
@@ -21,6 +23,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -102,9 +105,28 @@ def run_to_end(cmd, timeout=600) -> None:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{proc.stderr[-3000:]}")
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` and every process under it at once. `accelerate launch` (torch elastic) starts each worker in its
+    own session, so killing the launcher's process group would leave the workers running."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait()
+
+
 def run_and_kill(cmd, out: pathlib.Path, target: int, max_delay_s: float, rng: random.Random) -> bool:
-    """Start `cmd` in its own process group; SIGKILL the group a random moment after checkpoint `target` starts being
-    written. Returns whether the kill landed inside a save (a `.tmp` folder was there just before it)."""
+    """Start `cmd`; SIGKILL it and all its workers a random moment after checkpoint `target` starts being written.
+    Returns whether the kill landed inside a save (a `.tmp` folder was there just before it)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     try:
         while proc.poll() is None:
@@ -112,15 +134,13 @@ def run_and_kill(cmd, out: pathlib.Path, target: int, max_delay_s: float, rng: r
                 else []
             if any(s >= target for s in steps):
                 time.sleep(rng.uniform(0, max_delay_s))
-                inside = bool(list(out.glob("checkpoint-*.tmp")))
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                inside = bool(list(out.glob("checkpoint-*.tmp")) + list(out.glob("checkpoint-*.delete")))
+                kill_tree(proc)
                 return inside
             time.sleep(0.001)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
     raise RuntimeError(f"the run ended before checkpoint {target} (exit code {proc.returncode})")
 
 
@@ -128,7 +148,7 @@ def histories_match(out: pathlib.Path, expected: list[dict]) -> tuple[int, int, 
     """(checkpoints whose loss history equals the reference's first N steps, checkpoints, max abs difference)."""
     same, total, worst = 0, 0, 0.0
     for folder in out.glob("checkpoint-*"):
-        if folder.name.endswith(".tmp") or not (folder / "loss_history.json").is_file():
+        if not re.fullmatch(r"checkpoint-\d+", folder.name):
             continue
         history = json.loads((folder / "loss_history.json").read_text())
         total += 1
@@ -146,7 +166,7 @@ def corrupted_checkpoints(out: pathlib.Path, processes: int, lora: bool) -> list
 
     bad = []
     for folder in sorted(out.glob("checkpoint-*")):
-        if not folder.is_dir() or folder.name.endswith(".tmp"):
+        if not re.fullmatch(r"checkpoint-\d+", folder.name):  # `.tmp` / `.delete`: never read, removed at next start
             continue
         try:
             weights = folder / ("adapter/adapter_model.safetensors" if lora else "model.safetensors")
@@ -209,7 +229,8 @@ def main():
             row["resumed"] += 1
         except RuntimeError as err:
             print(f"{name}: the last resume failed: {err}", file=sys.stderr)
-        leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith("abandoned-")]
+        leftovers = [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".delete")) or p.name.startswith(
+            "abandoned-")]
         row["leftovers"] += len(leftovers)
         history = json.loads((out / "loss_history.json").read_text())
         row["final_same"] = int(history == expected)
@@ -230,7 +251,8 @@ def main():
     met = (total["kills"] >= 20 and total["resumed"] == total["kills"] and total["corrupted"] == 0
            and total["leftovers"] == 0 and total["checkpoints_same"] == total["checkpoints"]
            and total["final_same"] == len(rows))
-    print(f"\ntarget (>= 20 kills, 0 lost, 0 corrupted, 0 leftovers, identical histories): {'met' if met else 'MISSED'}")
+    target = ">= 20 kills, 0 lost, 0 corrupted, 0 leftovers, identical histories"
+    print(f"\ntarget ({target}): {'met' if met else 'MISSED'}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

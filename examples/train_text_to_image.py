@@ -674,7 +674,9 @@ def main(argv=None):
             if changed:
                 apply_optimisation_settings(optimizer, lr_scheduler, args)
                 settings.append({"from_step": global_step + 1, **current})
-                logger.warning(f"Resuming with changed settings, used from step {global_step + 1}: {', '.join(changed)}.")
+                logger.warning(
+                    f"Resuming with changed settings, used from step {global_step + 1}: {', '.join(changed)}."
+                )
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
             logger.info(f"Resumed from {resumed} at step {global_step}")

@@ -186,8 +186,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(assets, tmp_
     optimizer = out / "checkpoint-4" / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     with caplog.at_level("WARNING"):
-        resumed = train.main(script_args(assets, out, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "2",
-                                         steps=4))
+        resumed = train.main(script_args(assets, out, "--resume_from_checkpoint", "latest",
+                                         "--checkpointing_steps", "2", steps=4))
     assert "Cannot resume from" in caplog.text and "checkpoint-4" in caplog.text
     assert "Falling back to the previous checkpoint" in caplog.text
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
@@ -270,13 +270,14 @@ def test_two_process_checkpoint_holds_every_rank_state(assets, tmp_path):
 def test_bad_metadata_line_names_the_file_and_line(tmp_path):
     folder = make_imagefolder(tmp_path / "images", n=4)
     lines = (folder / "metadata.jsonl").read_text().splitlines()
-    (folder / "metadata.jsonl").write_text("\n".join(lines[:2] + ['{"file_name": "002.png", "text": "a red'] + lines[3:]))
+    broken = '{"file_name": "002.png", "text": "a red'
+    (folder / "metadata.jsonl").write_text("\n".join(lines[:2] + [broken] + lines[3:]))
     with pytest.raises(ValueError, match=r"metadata\.jsonl, line 3: not valid JSON"):
         load_image_caption_records(train_data_dir=str(folder))
     rows = [json.loads(line) for line in lines]
     rows[1]["text"] = 7
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"metadata\.jsonl, line 2: the caption 'text' is 7 \(int\); write it as a str"):
+    with pytest.raises(ValueError, match=r"metadata\.jsonl, line 2: the caption 'text' is 7 \(int\); write it as"):
         load_image_caption_records(train_data_dir=str(folder))
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "a", "image": "images/000.png"}\n\n{"text": "b" "image": "images/001.png"}\n')
@@ -452,8 +453,9 @@ def test_generate_writes_into_the_ignored_outputs_folder():
     assert output.parts[0] == "outputs" and "outputs/" in (REPO / ".gitignore").read_text().splitlines()
 
 
-@pytest.mark.parametrize("script", ["conversion/convert_llm_to_monoformer.py", "conversion/convert_original_monoformer.py",
-                                    "examples/train_text_to_image.py", "examples/train_fashion_mnist.py"])
+@pytest.mark.parametrize("script", ["conversion/convert_llm_to_monoformer.py",
+                                    "conversion/convert_original_monoformer.py", "examples/train_text_to_image.py",
+                                    "examples/train_fashion_mnist.py"])
 def test_help_epilog_keeps_the_line_continuations(script):
     import ast
 
