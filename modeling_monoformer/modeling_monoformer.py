@@ -8,6 +8,7 @@ Images enter as a `(n, C, h, w)` tensor or a list of `(C, h, w)` tensors; `as_im
 internal form (a list, one tensor per image) at the boundary and `like_latents` gives results back in the caller's form.
 """
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -328,6 +329,21 @@ class MonoFormerPreTrainedModel(PreTrainedModel):
             # release does: a zero output layer would make every untrained diffusion output identical.
             init.zeros_(module.adaLN_modulation[-1].weight)
             init.zeros_(module.adaLN_modulation[-1].bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, minus a stale shard index: transformers deletes the shards of an earlier
+        sharded save in the same folder but keeps its `*.index.json`, which then names files that no longer exist."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not os.path.isdir(save_directory):
+            return
+        for name in os.listdir(save_directory):
+            if not name.endswith(".index.json"):
+                continue
+            path = os.path.join(save_directory, name)
+            with open(path) as f:
+                shards = set(json.load(f).get("weight_map", {}).values())
+            if any(not os.path.isfile(os.path.join(save_directory, shard)) for shard in shards):
+                os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

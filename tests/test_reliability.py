@@ -473,3 +473,15 @@ def test_trained_pipeline_card_is_portable_and_samples_the_trained_size(assets, 
     assert str(tmp_path) not in card and "base-pixel" in card
     config = json.loads((out / "pipeline" / "model" / "config.json").read_text())
     assert config["sample_size"] == 16
+
+
+def test_save_over_a_sharded_folder_leaves_no_stale_index(pixel_model, tmp_path):
+    model, _ = pixel_model
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model.save_pretrained(tmp_path, max_shard_size="100KB")  # still sharded: the index stays
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
+    MonoFormerForConditionalGeneration.from_pretrained(tmp_path)
