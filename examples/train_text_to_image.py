@@ -9,7 +9,9 @@ Training: `MonoFormerDataCollator` draws noise, timesteps and targets from the c
 drops prompts for classifier-free guidance; the model's own loss (`lm_loss_weight * lm + diffusion_loss_weight *
 diffusion`) is minimised. Full fine-tune, or LoRA (`--lora_rank`, PEFT `get_peft_model`) on the LLM's projections with
 the image heads trained fully (`modules_to_save`) and the `<boi>`/`<eoi>` rows of the embeddings trainable
-(`trainable_token_indices`). Mixed precision, gradient accumulation, activation checkpointing, EMA,
+(`trainable_token_indices`). Or image experts (`--image_experts full|lora`, or a checkpoint converted with them):
+the LLM's text weights stay frozen (text-only output stays the base LLM's exactly) and only the image tokens' own
+weights and the image heads train; checkpoints then hold the whole model. Mixed precision, gradient accumulation, activation checkpointing, EMA,
 `--checkpointing_steps` / `--resume_from_checkpoint`, samples and a loss curve every `--validation_steps`.
 
 Output (`--output_dir`): `checkpoint-<step>/` (accelerate state: model or adapter, optimizer, LR scheduler, RNG,
@@ -23,6 +25,9 @@ sampler, loss history), `samples/step-<step>.png`, `loss_curve.png`, `loss_histo
     accelerate launch --multi_gpu --num_processes 2 examples/train_text_to_image.py \\
         --pretrained_model_name_or_path ./monoformer-base --train_data_file data.jsonl --lora_rank 8 \\
         --output_dir ./out --push_to_hub --hub_model_id me/monoformer-lora
+    # image experts (LMFusion) in bf16 autocast: the LLM's text is kept exactly
+    python examples/train_text_to_image.py --pretrained_model_name_or_path ./monoformer-base \
+        --train_data_dir ./my_images --image_experts full --mixed_precision bf16 --output_dir ./out
 """
 
 import argparse
@@ -52,6 +57,8 @@ from modeling_monoformer import (  # noqa: E402
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    enable_image_experts,
+    freeze_text_weights,
 )
 from modeling_monoformer.training_data_monoformer import (  # noqa: E402
     MonoFormerTrainingDataset,
@@ -130,6 +137,15 @@ def parse_args(argv=None):
     g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS,
                    help="Comma-separated module names inside the LLM (e.g. add gate_proj,up_proj,down_proj).")
 
+    g = parser.add_argument_group("image experts (text weights frozen; exclusive with --lora_rank)")
+    g.add_argument("--image_experts", default=None, choices=["full", "lora"],
+                   help="Add image-token weights to a checkpoint saved without them: 'full' copies every layer's "
+                        "attention, MLP and norms (LMFusion), 'lora' adds an image-only LoRA (Partial LoRA). A "
+                        "checkpoint converted with `--image_experts` already has them (then this must match or be "
+                        "left out). Either way only the image weights and heads train.")
+    g.add_argument("--image_lora_rank", type=int, default=16)
+    g.add_argument("--image_lora_alpha", type=float, default=None, help="Default: equal to --image_lora_rank.")
+
     g = parser.add_argument_group("checkpoints, samples, logging")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -155,6 +171,11 @@ def parse_args(argv=None):
         parser.error(f"--lora_rank must be >= 0, got {args.lora_rank}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.lora_rank)
+    if args.image_experts and args.lora_rank:
+        parser.error("--image_experts and --lora_rank exclude each other: image experts keep the LLM's text weights "
+                     "frozen, plain LoRA changes them for every token. Pick one.")
+    if args.image_lora_alpha is None:
+        args.image_lora_alpha = float(args.image_lora_rank)
     return args
 
 
@@ -184,13 +205,24 @@ def load_scheduler(folder):
     return getattr(diffusers, class_name).from_pretrained(folder)
 
 
-def load_base(path, vae_path=None):
-    """Model (float32), processor, noise scheduler and VAE (or None) from a checkpoint or a pipeline folder."""
+def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image_lora_alpha=16.0):
+    """Model (float32), processor, noise scheduler and VAE (or None) from a checkpoint or a pipeline folder.
+
+    `image_experts` ("full" / "lora") gives a checkpoint saved without image experts its image weights, copied from
+    its text weights; a checkpoint that has them keeps its own (a different mode is refused).
+    """
     if not os.path.isdir(path):
         raise ValueError(f"`--pretrained_model_name_or_path` {path!r} is not a folder.")
     is_pipeline = os.path.isfile(os.path.join(path, "model_index.json"))
     model_dir = os.path.join(path, "model") if is_pipeline else path
     model = MonoFormerForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    if image_experts and model.config.image_experts == "none":
+        enable_image_experts(model, image_experts, image_lora_rank, image_lora_alpha)
+    elif image_experts and model.config.image_experts != image_experts:
+        raise ValueError(
+            f"`--image_experts {image_experts}`, but {path!r} was saved with image_experts="
+            f"{model.config.image_experts!r}: leave the flag out to train the checkpoint's own image weights."
+        )
     processor = MonoFormerProcessor.from_pretrained(os.path.join(path, "processor") if is_pipeline else path)
     processor.configure_for_model(model.config)
     scheduler_dir = os.path.join(path, "scheduler")
@@ -252,6 +284,15 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
         trainable_token_indices=trainable_tokens,
     )
     return get_peft_model(model, lora_config)
+
+
+def training_method(args, config) -> str:
+    """What a run trains, in words (log line and model card)."""
+    if config.image_experts == "full":
+        return "image experts (full copy per layer, LMFusion; text weights frozen)"
+    if config.image_experts == "lora":
+        return f"image-only LoRA (rank {config.image_lora_rank}, Partial LoRA; text weights frozen)"
+    return f"LoRA (rank {args.lora_rank})" if args.lora_rank else "full fine-tune"
 
 
 def build_pipeline(model, vae, scheduler, processor):
@@ -347,7 +388,7 @@ def write_model_card(folder, info: dict) -> str:
     ) or "| - | - | - |"
     hub_id = info.get("base_llm_hub_id")
     base_model_meta = f"base_model: {hub_id}\n" if hub_id and re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) else ""
-    method = f"LoRA (rank {info['lora_rank']}, merged)" if info["lora_rank"] else "full fine-tune"
+    method = info["method"]
     content = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -533,8 +574,22 @@ def main(argv=None):
     texts = load_text_samples(args.text_data_file, args.text_column) if args.text_data_file else None
 
     # ---- model, processor, scheduler, VAE
-    model, processor, noise_scheduler, vae = load_base(args.pretrained_model_name_or_path, args.vae)
+    model, processor, noise_scheduler, vae = load_base(
+        args.pretrained_model_name_or_path, args.vae, args.image_experts, args.image_lora_rank, args.image_lora_alpha
+    )
     config = model.config
+    if config.image_experts != "none" and args.lora_rank:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path!r} has image_experts={config.image_experts!r}: its text weights stay "
+            "frozen, so plain LoRA (`--lora_rank`) does not apply. Drop `--lora_rank`."
+        )
+    if config.image_experts != "none" and args.text_ratio > 0:
+        # A text-only sample reaches no trainable weight (and an all-text batch would leave DDP without a backward).
+        raise ValueError(
+            f"`--text_ratio {args.text_ratio}` with image experts: the text weights are frozen, so text-only samples "
+            "train nothing (the LLM's text is kept exactly by construction). Use `--text_ratio 0`; captioning "
+            "samples (`--caption_ratio`) do train the image weights."
+        )
     num_channels = vae.config.in_channels if vae is not None else config.latent_channels
     resize = {"do_resize": True, "size": {"height": args.resolution, "width": args.resolution}} if args.resolution else {}
     image_processor = MonoFormerImageProcessor(num_channels=num_channels, **resize)
@@ -566,6 +621,8 @@ def main(argv=None):
         inner_model = model.base_model.model  # LoRA layers are injected in place: sampling uses this one
     else:
         inner_model = model
+        if config.image_experts != "none":  # the LLM's text weights stay frozen: text output stays exactly the LLM's
+            freeze_text_weights(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in params)
@@ -619,7 +676,7 @@ def main(argv=None):
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"{len(records)} images, {dataset.num_text} text samples, {accelerator.num_processes} process(es), global "
-        f"batch {global_batch}, {max_train_steps} steps, {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full'}"
+        f"batch {global_batch}, {max_train_steps} steps, {training_method(args, config)}"
         f": {num_trainable / 1e6:.3f} M trainable parameters"
     )
 
@@ -828,6 +885,7 @@ def main(argv=None):
             "prediction_type": config.prediction_type,
             "scheduler": type(noise_scheduler).__name__,
             "lora_rank": args.lora_rank,
+            "method": training_method(args, config) + (", merged" if args.lora_rank else ""),
             "losses": summarise_losses(history),
             "repo_or_path": args.hub_model_id or portable_path(pipeline_dir),
             "example_prompt": prompts[0].replace('"', "'") if prompts else "a photo",

@@ -2,6 +2,7 @@
 
 from .configuration_monoformer import MonoFormerConfig
 from .data_collator_monoformer import MonoFormerDataCollator, add_training_noise
+from .image_experts_monoformer import enable_image_experts, freeze_text_weights, merge_image_lora
 from .image_processing_monoformer import MonoFormerImageProcessor
 from .modeling_monoformer import (
     MonoFormerForConditionalGeneration,
@@ -27,4 +28,7 @@ __all__ = [
     "bf16_supported",
     "preferred_dtype",
     "resolve_dtype",
+    "enable_image_experts",
+    "freeze_text_weights",
+    "merge_image_lora",
 ]

@@ -10,6 +10,7 @@ TimestepConditioning = Literal["adaln", "token", "add"]
 ImagePosEmbed = Literal["sincos_2d", "none"]
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 PatchEmbedder = Literal["linear", "unet"]
+ImageExperts = Literal["none", "full", "lora"]
 # The allowed values as tuples, for argument parsers and error messages.
 TIMESTEP_CONDITIONING_MODES = get_args(TimestepConditioning)
 IMAGE_POS_EMBED_TYPES = get_args(ImagePosEmbed)
@@ -19,6 +20,7 @@ DEFAULT_TEXT_CONFIG = {
     "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
     "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
 }
+IMAGE_EXPERT_MODES = get_args(ImageExperts)
 
 
 @strict
@@ -69,6 +71,14 @@ class MonoFormerConfig(PreTrainedConfig):
         lm_loss_weight (`float`, defaults to 1.0), diffusion_loss_weight (`float`, defaults to 1.0):
             `loss = lm_loss_weight * lm_loss + diffusion_loss_weight * diffusion_loss` (the original release used
             0.01 / 1.0, Transfusion 1 / 5).
+        image_experts (`str`, defaults to `"none"`):
+            Weights for the image patch tokens inside the LLM body: `"none"` (the same weights as text), `"full"`
+            (LMFusion: each decoder layer's attention projections, MLP and two norms copied for image tokens, initialised
+            from the LLM's) or `"lora"` (Partial LoRA: image tokens see `W + B @ A` of every attention/MLP projection,
+            text tokens `W`). Tokens are routed by type (each runs through one set of weights), so with the text
+            weights frozen a text-only input gives the base LLM's logits exactly. See `image_experts_monoformer.py`.
+        image_lora_rank (`int`, defaults to 16), image_lora_alpha (`float`, defaults to 16.0):
+            Rank and scale (`alpha / rank`) of the image-only LoRA of `image_experts="lora"`.
         image_token_id, boi_token_id, eoi_token_id (`int`, *optional*):
             Ids of the `<image>` placeholder, `<boi>` and `<eoi>` tokens (set by `from_llm` / the processor).
         tie_word_embeddings (`bool`, defaults to `False`):
@@ -106,6 +116,9 @@ class MonoFormerConfig(PreTrainedConfig):
     num_train_timesteps: int = 1000
     lm_loss_weight: float | int = 1.0
     diffusion_loss_weight: float | int = 1.0
+    image_experts: ImageExperts = "none"
+    image_lora_rank: int = 16
+    image_lora_alpha: float | int = 16.0
     image_token_id: int | None = None
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
@@ -119,9 +132,12 @@ class MonoFormerConfig(PreTrainedConfig):
     # `@strict` checks each field's type (and the `Literal` choices) and then runs every `validate_*` method.
     def validate_positive_sizes(self):
         """Sizes and scales are positive integers."""
-        for name in ("latent_channels", "patch_size", "vae_scale_factor", "sample_size", "num_train_timesteps"):
+        for name in ("latent_channels", "patch_size", "vae_scale_factor", "sample_size", "num_train_timesteps",
+                     "image_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if self.image_lora_alpha <= 0:
+            raise ValueError(f"`image_lora_alpha` must be a positive number, got {self.image_lora_alpha!r}.")
 
     def validate_sample_size(self):
         """The default latent side is cut into whole patches."""

@@ -29,6 +29,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_monoformer import MonoFormerConfig
 from .patch_embedding_monoformer import MonoFormerUNetPatchDecoder, MonoFormerUNetPatchEncoder, unet_head_features
+from .image_experts_monoformer import ImageTokenRouting, add_image_experts, init_image_experts, is_image_expert_parameter
 
 logger = logging.get_logger(__name__)
 
@@ -324,6 +325,7 @@ class MonoFormerPreTrainedModel(PreTrainedModel):
             if module.t_projector is not None:
                 init.zeros_(module.t_projector[-1].weight)
                 init.zeros_(module.t_projector[-1].bias)
+            init_image_experts(module.language_model)  # image experts start as the text weights
         elif isinstance(module, MonoFormerFinalLayer):
             # Zero adaLN (identity modulation); the output Linear keeps normal(initializer_range) as the original
             # release does: a zero output layer would make every untrained diffusion output identical.
@@ -357,6 +359,8 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         hidden = config.text_config.hidden_size
         p, c = config.patch_size, config.latent_channels
         self.language_model = AutoModel.from_config(config.text_config)
+        if config.image_experts != "none":
+            add_image_experts(self.language_model, config.image_experts, config.image_lora_rank, config.image_lora_alpha)
         # (n, C, h, w) -> (n, h/p * w/p, D): one Linear over each patch, or U-Net down blocks to the patch grid
         if config.patch_embedder == "unet":
             self.x_embedder = MonoFormerUNetPatchEncoder(config)
@@ -576,6 +580,8 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             # (B, L) True on patch tokens (not a "token"-mode timestep token): the diffusion head reads them, and it
             # is the routing mask for anything that treats image tokens apart (image experts).
             image_patch_mask = block_ids >= 0
+            if self.config.image_experts != "none":  # patch tokens run through the image weights
+                kwargs["image_routing"] = ImageTokenRouting(image_patch_mask)
             if position_ids is None:
                 position_ids = image_position_ids(attention_mask, past_len, batch_size, seq_len, inputs_embeds.device)
             # A 4D mask / BlockMask given by the caller is used as is. Without any mask, explicit position ids that
@@ -946,7 +952,8 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
 
         state = {k: v for k, v in body.state_dict().items() if k != "embed_tokens.weight"}
         result = model.model.language_model.load_state_dict(state, strict=False)
-        if result.unexpected_keys or set(result.missing_keys) != {"embed_tokens.weight"}:
+        missing = {k for k in result.missing_keys if not is_image_expert_parameter(k)}
+        if result.unexpected_keys or missing != {"embed_tokens.weight"}:
             raise ValueError(
                 f"Could not copy the LLM body: missing {result.missing_keys}, unexpected {result.unexpected_keys}."
             )
@@ -960,6 +967,7 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
                 new_out = model.lm_head.weight
                 new_out[:old_rows] = old_out
                 new_out[old_rows:] = old_out.mean(0, keepdim=True)
+        init_image_experts(model.model.language_model, respect_loaded=False)  # copies of the LLM's weights
         model.tie_weights()
         model.generation_config = llm.generation_config.__class__.from_dict(llm.generation_config.to_dict())
         return model
