@@ -9,7 +9,7 @@ from .modeling_monoformer import (
     MonoFormerModel,
     MonoFormerPreTrainedModel,
 )
-from .pipeline_monoformer import MonoFormerPipeline
+from .pipeline_monoformer import MonoFormerInterleavedOutput, MonoFormerPipeline
 from .precision_monoformer import bf16_supported, preferred_dtype, resolve_dtype
 from .processing_monoformer import MonoFormerProcessor
 
@@ -23,6 +23,7 @@ __all__ = [
     "MonoFormerImageProcessor",
     "MonoFormerProcessor",
     "MonoFormerPipeline",
+    "MonoFormerInterleavedOutput",
     "MonoFormerDataCollator",
     "add_training_noise",
     "bf16_supported",

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -23,9 +25,13 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import hub_utils, replace_example_docstring
+from diffusers.utils import BaseOutput, hub_utils, replace_example_docstring
+from diffusers.utils.logging import get_logger
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
+from transformers.generation.streamers import BaseStreamer
+
+logger = get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -110,12 +116,55 @@ class MonoFormerDenoisingContext:
 
     Cached path: `input_ids` is the image block only and `cache` holds the prefix; naive path: `input_ids` is the whole
     sequence and `cache` is None. `attention_mask` always spans prefix + image block (2D, left padding = 0).
+    `context_latents` (naive path only): per row, the clean latent `(C, h, w)` of the context image in its prefix (an
+    editing source) or None; the cached path has them in the cache.
     """
 
     input_ids: torch.LongTensor
     attention_mask: torch.LongTensor
     position_ids: torch.LongTensor
     cache: DynamicCache | None = None
+    context_latents: list[torch.Tensor | None] | None = None
+
+
+@dataclass
+class MonoFormerInterleavedOutput(BaseOutput):
+    """
+    Output of [`MonoFormerPipeline.generate_interleaved`].
+
+    Args:
+        segments (`list`): What the model wrote, in order: text strings and images (PIL images, `(H, W, C)` arrays,
+            `(C, H, W)` tensors or latents, per `output_type`). Empty text between two images is left out.
+        sequences (`torch.LongTensor` of shape `(1, L)`): The whole token sequence: the prompt, the generated text and
+            every image block (`<boi> <image> x N <eoi>`).
+        image_latents (`list[torch.Tensor]`): The clean latents `(C, h, w)` of every image in `sequences`, in order
+            (the prompt's images first): `model(input_ids=sequences, latents=image_latents)` recomputes the sequence.
+        cache (`DynamicCache`): The KV cache of `sequences` minus its last token (as `generate` leaves it).
+    """
+
+    segments: list
+    sequences: torch.LongTensor
+    image_latents: list[torch.Tensor]
+    cache: DynamicCache
+
+
+class _SegmentStreamer(BaseStreamer):
+    """Forwards the tokens of several `generate` calls to one user streamer as one stream: each call's first `put` (its
+    prompt, i.e. everything already streamed) is dropped, and `end` is left to the caller (a `TextIteratorStreamer`
+    stops its iterator on `end`)."""
+
+    def __init__(self, streamer: BaseStreamer):
+        self.streamer = streamer
+        self.is_prompt = True
+
+    def put(self, value):
+        if self.is_prompt:
+            self.is_prompt = False
+            return
+        self.streamer.put(value)
+
+    def end(self):
+        self.is_prompt = True
 
 
 class MonoFormerPipeline(DiffusionPipeline):
@@ -209,6 +258,10 @@ class MonoFormerPipeline(DiffusionPipeline):
     def do_classifier_free_guidance(self) -> bool:
         """Whether any step of the current (or last) call is guided (the unconditional rows are encoded)."""
         return any(self._guided_steps)
+
+    @property
+    def image_guidance_scale(self) -> float:
+        return self._image_guidance_scale
 
     @property
     def num_timesteps(self) -> int:
@@ -342,12 +395,17 @@ class MonoFormerPipeline(DiffusionPipeline):
             negatives = negative_prompt if negative_prompt is not None else ""
             negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
             texts = [n for n in negatives for _ in range(num_images_per_prompt)] + texts
+        texts = [t + self.processor.image_token for t in texts]
+        return self.tokenize_image_rows(texts, [[(height, width)]] * len(texts), height, width, device)
+
+    def tokenize_image_rows(
+        self, texts: list[str], image_sizes: list[list[tuple[int, int]]], height: int, width: int, device
+    ) -> tuple[torch.LongTensor, torch.LongTensor, int]:
+        """Tokenize rows that each end with the `<image>` to make (left-padded, the trailing `<eoi>` dropped: the image
+        tokens never attend to it); `image_sizes` lists every image of a row. Returns `(input_ids, attention_mask,
+        n_image_tokens)`."""
         batch = self.processor(
-            text=[t + self.processor.image_token for t in texts],
-            image_sizes=[[(height, width)]] * len(texts),
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
+            text=texts, image_sizes=image_sizes, padding=True, padding_side="left", return_tensors="pt"
         )
         input_ids = batch["input_ids"][:, :-1].to(device)  # drop <eoi>
         attention_mask = batch["attention_mask"][:, :-1].to(device)
@@ -365,6 +423,127 @@ class MonoFormerPipeline(DiffusionPipeline):
                 "`height`/`width`."
             )
         return input_ids, attention_mask, n_image_tokens
+
+    def encode_edit_prompt(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        source_latents: torch.Tensor,
+        num_images_per_prompt: int,
+        height: int,
+        width: int,
+        device: torch.device,
+    ) -> tuple[torch.LongTensor, torch.LongTensor, int, list[torch.Tensor | None]]:
+        """Tokenize the rows of an edit: `<boi> source <eoi> instruction <boi> <image> x N`, one per image to make.
+
+        With guidance the branches come first (`self._num_branches` of them, conditional last): `[source + instruction]`
+        alone; `[source + negative, source + instruction]` (text guidance); `[negative, source + negative, source +
+        instruction]` (image guidance, `apply_dual_guidance`); the negative prompt defaults to `""`. Returns
+        `(input_ids, attention_mask, n_image_tokens, context_latents)`, the last giving each row's source or None.
+        """
+        image = self.processor.image_token
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        size = (height, width)
+
+        def rows(with_source: bool, texts: list[str]):
+            for i, text in enumerate(texts):
+                for _ in range(num_images_per_prompt):
+                    if with_source:
+                        yield image + text + image, [size, size], source_latents[i]
+                    else:
+                        yield text + image, [size], None
+
+        branches = [rows(True, prompts)]
+        if self._num_branches >= 2:
+            branches.insert(0, rows(True, negatives))
+        if self._num_branches == 3:
+            branches.insert(0, rows(False, negatives))
+        texts, sizes, sources = zip(*(row for branch in branches for row in branch))
+        input_ids, attention_mask, n_image_tokens = self.tokenize_image_rows(list(texts), list(sizes), height, width, device)
+        return input_ids, attention_mask, n_image_tokens, list(sources)
+
+    def preprocess_image(self, image, name: str = "image") -> torch.Tensor:
+        """Images to encode -> pixels `(n, C, H, W)` in `[-1, 1]`.
+
+        Accepts a PIL image or a list of them (converted by the processor's image processor), or images in `[0, 1]`
+        as this pipeline returns them: a `(C, H, W)` / `(n, C, H, W)` tensor (`output_type="pt"`) or a `(H, W, C)` /
+        `(n, H, W, C)` array (`"np"`), or a list of those. Every image must have the model's channel count and one
+        size that fits the patch grid; errors name `name`.
+        """
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not items:
+            raise ValueError(f"`{name}` is an empty list: pass at least one image.")
+        pixels = []
+        for item in items:
+            if isinstance(item, PIL.Image.Image):
+                x = self.processor.image_processor(item, return_tensors="pt")["pixel_values"]
+            elif isinstance(item, (torch.Tensor, np.ndarray)):
+                x = torch.as_tensor(item) if isinstance(item, torch.Tensor) else torch.from_numpy(np.asarray(item))
+                if x.ndim not in (3, 4):
+                    raise ValueError(
+                        f"`{name}` must be (C, H, W) / (n, C, H, W) tensors or (H, W, C) / (n, H, W, C) arrays in "
+                        f"[0, 1], got shape {tuple(x.shape)}."
+                    )
+                x = x.unsqueeze(0) if x.ndim == 3 else x
+                if isinstance(item, np.ndarray):
+                    x = x.permute(0, 3, 1, 2)
+                x = x.float() * 2 - 1
+            else:
+                raise TypeError(
+                    f"`{name}` must be a PIL image, a torch tensor or a numpy array (or a list of them), got "
+                    f"{type(item).__name__}."
+                )
+            pixels.extend(x)
+        expected = self.vae.config.in_channels if self.vae is not None else self.model.config.latent_channels
+        unit = self.model.config.patch_size * self.vae_scale_factor
+        for i, x in enumerate(pixels):
+            which = f"`{name}` image {i}" if len(pixels) > 1 else f"`{name}`"
+            if x.shape[0] != expected:
+                raise ValueError(
+                    f"{which} has {x.shape[0]} channels but this pipeline's images have {expected}: pass "
+                    f"{'grayscale' if expected == 1 else 'RGB'} images."
+                )
+            if x.shape[-2] % unit or x.shape[-1] % unit:
+                raise ValueError(
+                    f"{which} is {x.shape[-2]}x{x.shape[-1]} pixels; both sides must be multiples of "
+                    f"patch_size * vae_scale_factor = {unit}: resize it."
+                )
+        if len({tuple(x.shape) for x in pixels}) > 1:
+            raise ValueError(
+                f"`{name}` images have different sizes {sorted({tuple(x.shape[-2:]) for x in pixels})}: resize them "
+                "to one size."
+            )
+        return torch.stack(pixels)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels `(n, C, H, W)` in `[-1, 1]` -> clean latents `(n, C, h, w)`: the VAE posterior's mean, shifted and
+        scaled as in training (`encode_images` in the training data module), or the pixels for pixel-space models."""
+        if self.vae is None:
+            return pixels.to(device=self._execution_device, dtype=self.model.dtype)
+        latents = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).to(self.model.dtype)
+
+    def prepare_source_latents(
+        self, pixels: torch.Tensor, batch_size: int, height: int, width: int, device
+    ) -> torch.Tensor:
+        """The edit sources' clean latents, one per prompt `(batch_size, C, h, w)` (a single source serves every
+        prompt); the edited image has the source's size."""
+        if pixels.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"`image` holds {pixels.shape[0]} source images for {batch_size} prompts: pass one per prompt, or one "
+                "for all."
+            )
+        if tuple(pixels.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"`image` is {pixels.shape[-2]}x{pixels.shape[-1]} pixels but `height`x`width` is {height}x{width}: "
+                "an edit keeps the source's size; leave `height`/`width` unset or resize the source."
+            )
+        latents = self.encode_image(pixels).to(device)
+        return latents.expand(batch_size, *latents.shape[1:]) if latents.shape[0] == 1 else latents
 
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         """Draw the initial noise with `randn_tensor` (or take `latents`) and scale it by `init_noise_sigma`."""
@@ -394,16 +573,19 @@ class MonoFormerPipeline(DiffusionPipeline):
         attention_mask: torch.LongTensor,
         n_image_tokens: int,
         use_prefix_cache: bool = True,
+        context_latents: list[torch.Tensor | None] | None = None,
     ) -> MonoFormerDenoisingContext:
         """Run the prefix (text and `<boi>`) once into a `DynamicCache`; the denoising steps then run the image block.
 
         Position ids count only real tokens (`cumsum - 1` of the 2D mask), so a left-padded row gets the same positions
-        as it would alone, in the prefix and in the image block alike.
+        as it would alone, in the prefix and in the image block alike. `context_latents`: per row, the clean latent of
+        the context image in its prefix (an editing source, `t = 0`) or None.
         """
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if not use_prefix_cache:
-            return MonoFormerDenoisingContext(input_ids, attention_mask, position_ids)
+            return MonoFormerDenoisingContext(input_ids, attention_mask, position_ids, context_latents=context_latents)
         prefix_len = input_ids.shape[1] - n_image_tokens
+        sources = [x for x in context_latents or [] if x is not None]
         # Full (non-sliding) cache layers for every layer: a sliding-window layer would drop prefix keys that
         # `crop` cannot restore. The sliding masks still limit what each layer attends to.
         cache = DynamicCache()
@@ -411,6 +593,8 @@ class MonoFormerPipeline(DiffusionPipeline):
             input_ids=input_ids[:, :prefix_len],
             attention_mask=attention_mask[:, :prefix_len],
             position_ids=position_ids[:, :prefix_len],
+            latents=torch.stack(sources) if sources else None,
+            timesteps=torch.zeros(len(sources), device=input_ids.device) if sources else None,
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
@@ -425,11 +609,23 @@ class MonoFormerPipeline(DiffusionPipeline):
     def predict(self, context: MonoFormerDenoisingContext, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One model evaluation: the diffusion head's output for `latents` (one per row of `context`) at step `t`."""
         timesteps = t.reshape(1).expand(latents.shape[0]).to(latents.device)
+        model_latents, noisy_index = latents, None
+        if context.cache is None and context.context_latents is not None:
+            # Naive path: each row's clean context image (t = 0) comes before its noisy image, in sequence order.
+            images, image_timesteps, noisy_index = [], [], []
+            for source, x_t, t_row in zip(context.context_latents, latents, timesteps):
+                if source is not None:
+                    images.append(source.to(x_t))
+                    image_timesteps.append(torch.zeros_like(t_row))
+                noisy_index.append(len(images))
+                images.append(x_t)
+                image_timesteps.append(t_row)
+            model_latents, timesteps = torch.stack(images), torch.stack(image_timesteps)
         output = self.model(
             input_ids=context.input_ids,
             attention_mask=context.attention_mask,
             position_ids=context.position_ids,
-            latents=latents,
+            latents=model_latents,
             timesteps=timesteps,
             cache=context.cache,
             use_cache=context.cache is not None,
@@ -437,7 +633,50 @@ class MonoFormerPipeline(DiffusionPipeline):
         )
         if context.cache is not None:
             context.cache.crop(-context.input_ids.shape[1])  # roll back to the prefix (5.x: negative count)
+        if noisy_index is not None:
+            return output.diffusion_output[noisy_index]
         return output.diffusion_output
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: MonoFormerDenoisingContext,
+        cond_context: MonoFormerDenoisingContext | None,
+        guided_steps: list[bool],
+        extra_step_kwargs: dict,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = (),
+    ) -> torch.Tensor:
+        """The denoising loop. A guided step runs every guidance branch (`self._num_branches` rows per image, in
+        `context`) and combines them with the call's guider (`apply_guidance`); an unguided one runs the conditional
+        rows alone (`cond_context`, or `context` when it holds only those)."""
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._call_guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
+                guided = guided_steps[i]
+                model_input = torch.cat([latents] * self._num_branches) if guided else latents
+                if hasattr(self.scheduler, "scale_model_input"):  # Euler scales by sigma; FlowMatch has none
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                step_context = context if guided or cond_context is None else cond_context
+                model_output = self.apply_guidance(self.predict(step_context, model_input, t), guided)
+                latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:  # a loop: a comprehension has its own locals()
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    if not isinstance(callback_outputs, dict):
+                        raise TypeError(
+                            "`callback_on_step_end` must return a dict (the `callback_kwargs` it received, changed or "
+                            f"not), got {type(callback_outputs).__name__} at step {i}."
+                        )
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+        return latents
 
     def prepare_guider(
         self, guidance_scale: float | None, guidance_start: float | None, guidance_stop: float | None
@@ -490,28 +729,46 @@ class MonoFormerPipeline(DiffusionPipeline):
     def apply_guidance(self, model_output: torch.Tensor, guided: bool | None = None) -> torch.Tensor:
         """Combine the rows of one step with the call's guider (its state set for the step).
 
-        `guided=True`: `model_output` holds the unconditional rows, then the conditional ones; the guider combines the
-        first `guidance_channels` prediction channels (the others come from the conditional branch). `guided=False`:
-        the conditional rows only (a step outside the guidance interval). Learned variance channels (`learn_sigma`)
-        come from the conditional branch and reach the scheduler only if its `variance_type` is learned.
+        `guided=True`: `model_output` holds the branches in order, conditional last: `[uncond, cond]`; for an edit
+        with image guidance `[uncond, source only, source + instruction]` (`apply_dual_guidance`). The guider combines
+        the last two on the first `guidance_channels` prediction channels (the others come from the conditional
+        branch). `guided=False`: the conditional rows only (a step outside the guidance interval). Learned variance
+        channels (`learn_sigma`) come from the conditional branch and reach the scheduler only if its
+        `variance_type` is learned.
         """
         guider = self._call_guider
+        branches = getattr(self, "_num_branches", 2)
         if guided is None:
-            guided = guider.num_conditions > 1
+            guided = branches > 1 and guider.num_conditions > 1
         channels = self.model.config.latent_channels
         prediction, variance = model_output[:, :channels], model_output[:, channels:]
-        uncond, cond = prediction.chunk(2) if guided else (None, prediction)
+        rows = prediction.chunk(branches) if guided else (prediction,)
+        uncond, cond = (rows[-2], rows[-1]) if guided else (None, prediction)
         if guided:
-            variance = variance.chunk(2)[1]
+            variance = variance.chunk(branches)[-1]
         k = getattr(self, "_guidance_channels", channels)
         predictions = {"pred_cond": cond[:, :k], "pred_uncond": None if uncond is None else uncond[:, :k]}
         states = guider.prepare_inputs({})  # one state per prediction the guider needs at this step
         for state in states:
             state.noise_pred = predictions[getattr(state, guider._identifier_key)]
-        prediction = torch.cat([guider(states).pred, cond[:, k:]], dim=1)
+        guided_part = guider(states).pred
+        if guided and branches == 3:
+            guided_part = self.apply_dual_guidance(guided_part, rows[1][:, :k], rows[0][:, :k])
+        prediction = torch.cat([guided_part, cond[:, k:]], dim=1)
         if variance.shape[1] and getattr(self.scheduler.config, "variance_type", None) in LEARNED_VARIANCE_TYPES:
             return torch.cat([prediction, variance], dim=1)
         return prediction
+
+    def apply_dual_guidance(
+        self, text_guided: torch.Tensor, pred_image: torch.Tensor, pred_uncond: torch.Tensor
+    ) -> torch.Tensor:
+        """InstructPix2Pix's dual classifier-free guidance (Brooks et al., 2023, eq. 3),
+        `uncond + s_T (full - image) + s_I (image - uncond)`, written as the guider's text guidance between the
+        source-only and the full branch, `text_guided = image + s_T (full - image)`, plus the image term
+        `(s_I - 1) (image - uncond)`; `pred_image` is conditioned on the source alone, `pred_uncond` on neither. With
+        `ClassifierFreeGuidance` this is exactly eq. 3; another guider shapes the text term its way. diffusers' guiders
+        combine one conditional and one unconditional prediction, so the third branch is added here."""
+        return text_guided + (self.image_guidance_scale - 1.0) * (pred_image - pred_uncond)
 
     def prepare_extra_step_kwargs(self, generator) -> dict:
         """`generator` for the schedulers whose `step` samples noise (DDPM, stochastic samplers)."""
@@ -557,9 +814,11 @@ class MonoFormerPipeline(DiffusionPipeline):
         guidance_channels: int | None = None,
         guidance_start: float | None = None,
         guidance_stop: float | None = None,
+        image: PIL.Image.Image | np.ndarray | torch.Tensor | list | None = None,
+        image_guidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
-        Generate images from text.
+        Generate images from text, or edit `image` following the instruction in `prompt`.
 
         Args:
             prompt (`str` or `list[str]`): The prompt(s).
@@ -596,6 +855,15 @@ class MonoFormerPipeline(DiffusionPipeline):
             Explicit `guidance_scale`, `guidance_start` and `guidance_stop` win over the guider's settings; the call
             then runs a copy of the guider (`pipe.guider.new(...)`), so `pipe.guider` is left unchanged. Without them
             the call runs `pipe.guider` as configured, which is how a saved checkpoint carries its tuned sampler.
+            image (PIL image, array, tensor or a list of them, *optional*): The source image(s) of an edit (one per
+                prompt, or one for all), as `preprocess_image` takes them (tensors / arrays in `[0, 1]`, as this
+                pipeline outputs them). The source goes in clean (`t = 0`) before the instruction `prompt`; the edited
+                image, of the source's size, is generated after it: `<boi> source <eoi> instruction <boi> edit <eoi>`.
+            image_guidance_scale (`float`, *optional*, defaults to 1.5 with `image`): Image guidance of an edit
+                (InstructPix2Pix's `s_I`): with `> 1` each guided step runs three branches (no source and no
+                instruction; source only; source and instruction), the guider guiding the text between the last two
+                and `apply_dual_guidance` adding the image term. It runs on the guider's guided steps, or on every
+                step when text guidance is off. `<= 1`: text guidance only (the source in both branches).
 
         Examples:
 
@@ -605,6 +873,16 @@ class MonoFormerPipeline(DiffusionPipeline):
         config = self.model.config
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
+        source_pixels = None
+        if image is not None:
+            source_pixels = self.preprocess_image(image, "image")
+            height = source_pixels.shape[-2] if height is None else height
+            width = source_pixels.shape[-1] if width is None else width
+        elif image_guidance_scale is not None:
+            raise ValueError(
+                f"`image_guidance_scale`={image_guidance_scale!r} was given without `image`: an edit needs its source "
+                "image (`pipe(prompt=instruction, image=source)`); drop `image_guidance_scale` for text-to-image."
+            )
         height = config.sample_size * self.vae_scale_factor if height is None else height  # 0 is refused, not defaulted
         width = config.sample_size * self.vae_scale_factor if width is None else width
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -631,20 +909,39 @@ class MonoFormerPipeline(DiffusionPipeline):
             raise ValueError(f"`guidance_channels` must be an int in [1, {channels}], got {guidance_channels!r}.")
         self._guidance_channels = guidance_channels or channels
         self._call_guider = self.prepare_guider(guidance_scale, guidance_start, guidance_stop)
+        if image_guidance_scale is None:
+            image_guidance_scale = 1.5  # InstructPix2Pix's default
+        if not isinstance(image_guidance_scale, (int, float)) or image_guidance_scale < 0:
+            raise ValueError(
+                f"`image_guidance_scale` must be a number >= 0 (<= 1 disables image guidance), got "
+                f"{image_guidance_scale!r}."
+            )
+        self._image_guidance_scale = image_guidance_scale
         self._interrupt = False
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         device = self._execution_device
 
-        # 2. Prepare timesteps and which of them the guider guides
+        # 2. Prepare timesteps and which of them the guider guides (an edit's image guidance: every step without it)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         self._guided_steps = self.guided_steps(self._call_guider, timesteps)
+        image_guided = image is not None and image_guidance_scale > 1
+        if image_guided and not any(self._guided_steps):
+            self._guided_steps = [True] * len(timesteps)
+        self._num_branches = 3 if image_guided else 2 if self.do_classifier_free_guidance else 1
 
-        # 3. Tokenize prompt (+ negative prompt) with the image block
-        input_ids, attention_mask, n_image_tokens = self.encode_prompt(
-            prompt, negative_prompt, num_images_per_prompt, self.do_classifier_free_guidance, height, width, device
-        )
+        # 3. Tokenize prompt (+ negative prompt) with the image block; an edit puts the clean source before the text
+        if image is None:
+            input_ids, attention_mask, n_image_tokens = self.encode_prompt(
+                prompt, negative_prompt, num_images_per_prompt, self.do_classifier_free_guidance, height, width, device
+            )
+            context_latents = None
+        else:
+            source_latents = self.prepare_source_latents(source_pixels, batch_size, height, width, device)
+            input_ids, attention_mask, n_image_tokens, context_latents = self.encode_edit_prompt(
+                prompt, negative_prompt, source_latents, num_images_per_prompt, height, width, device
+            )
 
         # 4. Prepare latents
         latents = self.prepare_latents(
@@ -659,40 +956,22 @@ class MonoFormerPipeline(DiffusionPipeline):
         )
 
         # 5. Run the prefix once into the KV cache (and the conditional rows alone for unguided steps)
-        context = self.prepare_context(input_ids, attention_mask, n_image_tokens, use_prefix_cache)
+        context = self.prepare_context(input_ids, attention_mask, n_image_tokens, use_prefix_cache, context_latents)
 
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
         cond_context = None
-        if self.do_classifier_free_guidance and not all(self._guided_steps):
-            n = latents.shape[0]  # unconditional rows come first
-            cond_context = self.prepare_context(input_ids[n:], attention_mask[n:], n_image_tokens, use_prefix_cache)
+        if self._num_branches > 1 and not all(self._guided_steps):
+            n = latents.shape[0]  # the conditional rows come last
+            cond_context = self.prepare_context(
+                input_ids[-n:], attention_mask[-n:], n_image_tokens, use_prefix_cache,
+                None if context_latents is None else context_latents[-n:],
+            )
 
         # 6. Denoising loop
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._call_guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
-                guided = self._guided_steps[i]
-                model_input = torch.cat([latents] * 2) if guided else latents
-                if hasattr(self.scheduler, "scale_model_input"):  # Euler scales by sigma; FlowMatch has none
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                step_context = context if guided or cond_context is None else cond_context
-                model_output = self.apply_guidance(self.predict(step_context, model_input, t), guided)
-                latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:  # a loop: a comprehension has its own locals()
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    if not isinstance(callback_outputs, dict):
-                        raise TypeError(
-                            "`callback_on_step_end` must return a dict (the `callback_kwargs` it received, changed or "
-                            f"not), got {type(callback_outputs).__name__} at step {i}."
-                        )
-                    latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
+        latents = self.denoise(
+            latents, timesteps, context, cond_context, self._guided_steps, extra_step_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
 
         # 7. Decode and post-process
         image = self.decode_latents(latents, output_type)
@@ -700,6 +979,253 @@ class MonoFormerPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    # ------------------------------------------------------------------------------------------------------ interleaved
+    def check_interleaved_inputs(
+        self, prompt, images, max_new_tokens, height, width, num_inference_steps, guidance_scale, output_type,
+        generate_kwargs,
+    ):
+        """Validate the arguments of `generate_interleaved` before any compute; errors name the argument."""
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(
+                f"`prompt` must be one non-empty string (interleaved generation runs one sequence), got {prompt!r}."
+            )
+        for special in (self.processor.boi_token, self.processor.eoi_token):
+            if special in prompt:
+                raise ValueError(
+                    f"`prompt` contains {special!r}: write `{self.processor.image_token}` where an input image goes "
+                    "(the pipeline adds `<boi>`/`<eoi>`); the model itself decides when to start an image."
+                )
+        n_markers = prompt.count(self.processor.image_token)
+        n_images = 0 if images is None else len(images) if isinstance(images, (list, tuple)) else 1
+        if n_markers != n_images:
+            raise ValueError(
+                f"`prompt` has {n_markers} `{self.processor.image_token}` marker(s) but `images` holds {n_images} "
+                f"image(s): write one `{self.processor.image_token}` where each input image goes."
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}.")
+        # The text around the markers and the sampler arguments are checked as `__call__` checks them.
+        self.check_inputs(
+            prompt.replace(self.processor.image_token, ""), None, height, width, num_inference_steps, guidance_scale,
+            1, None, output_type, None,
+        )
+        for name in ("num_beams", "num_return_sequences"):
+            if generate_kwargs.get(name, 1) != 1:
+                raise ValueError(
+                    f"`{name}`={generate_kwargs[name]} is not supported: interleaved generation follows one sequence "
+                    "(greedy or sampled decoding)."
+                )
+
+    @staticmethod
+    def stack_contexts(contexts: list[MonoFormerDenoisingContext]) -> MonoFormerDenoisingContext:
+        """Batch cached contexts whose prefixes differ in length (one row each): prefixes are left-padded in the cache
+        (zero keys/values that the 2D mask hides), as `encode_prompt`'s left-padded rows are."""
+        lengths = [c.cache.get_seq_length() for c in contexts]
+        longest = max(lengths)
+
+        def pad(x: torch.Tensor, length: int) -> torch.Tensor:  # (B, H, length, d) -> (B, H, longest, d)
+            return torch.nn.functional.pad(x, (0, 0, longest - length, 0))
+
+        layers = []
+        for per_layer in zip(*(c.cache.layers for c in contexts)):
+            keys = torch.cat([pad(layer.keys, n) for layer, n in zip(per_layer, lengths)])
+            values = torch.cat([pad(layer.values, n) for layer, n in zip(per_layer, lengths)])
+            layers.append((keys, values))
+        masks = [torch.nn.functional.pad(c.attention_mask, (longest - n, 0)) for c, n in zip(contexts, lengths)]
+        return MonoFormerDenoisingContext(
+            input_ids=torch.cat([c.input_ids for c in contexts]),
+            attention_mask=torch.cat(masks),
+            position_ids=torch.cat([c.position_ids for c in contexts]),
+            cache=DynamicCache(ddp_cache_data=layers),
+        )
+
+    def generate_image_in_context(
+        self,
+        sequences: torch.LongTensor,
+        cache: DynamicCache,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float | None,
+        guidance_start: float | None,
+        guidance_stop: float | None,
+        generator,
+    ) -> torch.Tensor:
+        """Denoise one image after `sequences` (which ends with `<boi>`), whose KV cache holds all of it but `<boi>`.
+
+        The conditional branch runs the image block against that cache; the guider's guided steps add, in the same
+        batch, the unconditional row of text-to-image training (`encode_prompt("")`: `<boi>` alone), its short prefix
+        left-padded next to the long one (`stack_contexts`). The cache ends as it started, plus `<boi>`. Returns the
+        clean latents `(1, C, h, w)`.
+        """
+        device = sequences.device
+        self.model(input_ids=sequences[:, -1:], cache=cache, use_cache=True, logits_to_keep=1)  # `<boi>` into the cache
+        n_image_tokens = self.processor.num_image_tokens(height, width)
+        length = sequences.shape[1]
+        block = torch.full((1, n_image_tokens), self.processor.image_token_id, dtype=torch.long, device=device)
+        cond_context = MonoFormerDenoisingContext(
+            input_ids=block,
+            attention_mask=torch.ones(1, length + n_image_tokens, dtype=torch.long, device=device),
+            position_ids=torch.arange(length, length + n_image_tokens, device=device).unsqueeze(0),
+            cache=cache,
+        )
+        self._call_guider = self.prepare_guider(guidance_scale, guidance_start, guidance_stop)
+        self._guidance_channels = self.model.config.latent_channels
+        self._interrupt = False
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        self._guided_steps = self.guided_steps(self._call_guider, timesteps)
+        self._num_branches = 2 if self.do_classifier_free_guidance else 1
+        context = cond_context
+        if self.do_classifier_free_guidance:
+            uncond_ids, uncond_mask, _ = self.encode_prompt("", None, 1, False, height, width, device)
+            uncond_context = self.prepare_context(uncond_ids, uncond_mask, n_image_tokens)
+            context = self.stack_contexts([uncond_context, cond_context])
+        latents = self.prepare_latents(
+            1, self.model.config.latent_channels, height, width, self.model.dtype, device, generator
+        )
+        return self.denoise(
+            latents, timesteps, context, cond_context, self._guided_steps, self.prepare_extra_step_kwargs(generator)
+        )
+
+    @torch.no_grad()
+    def generate_interleaved(
+        self,
+        prompt: str,
+        images=None,
+        max_new_tokens: int = 256,
+        streamer: BaseStreamer | None = None,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_start: float | None = None,
+        guidance_stop: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        **generate_kwargs,
+    ) -> MonoFormerInterleavedOutput:
+        r"""
+        Write text and images in one sequence: the model decodes text with the KV cache; when it emits `<boi>` an image
+        of `height x width` is denoised inside the same cache (its prefix cached, CFG batched, `denoise`), appended as
+        clean context (`t = 0`), `<eoi>` follows, and decoding goes on until EOS or `max_new_tokens`.
+
+        Text decoding is `model.generate` (greedy by default; `do_sample`, `temperature`, `top_k`, `logits_processor`
+        ... pass through `generate_kwargs`) with `<boi>` as an extra stop token, so every text segment gets the
+        stock sampling, logits processors and streaming; each segment continues the same `DynamicCache`.
+
+        Args:
+            prompt (`str`): The text so far; one `<image>` where each input image goes (understanding, VQA).
+            images (*optional*): The prompt's images (PIL, arrays or tensors, see `preprocess_image`), in order; sizes
+                may differ. Encoded with the VAE when there is one and read clean (`t = 0`).
+            max_new_tokens (`int`, defaults to 256): Budget of generated text tokens (each `<boi>` counts; image
+                tokens do not). Generation also stops before an image that would not fit `max_position_embeddings`.
+            streamer (`BaseStreamer`, *optional*): Receives the generated token ids as one stream (`<boi>` and
+                `<eoi>` mark each image), e.g. `TextStreamer(tokenizer, skip_special_tokens=True)`; `end()` once.
+            generator (`torch.Generator`, *optional*): The images' noise. Sampled text uses torch's global RNG, as
+                `generate` does.
+            num_inference_steps (`int`, *optional*), guidance_scale (`float`, *optional*), guidance_start
+                (`float`, *optional*), guidance_stop (`float`, *optional*): As in `__call__`, for every image: by
+                default the pipeline's `default_num_inference_steps` and its guider (the checkpoint's tuned sampler).
+            height (`int`, *optional*), width (`int`, *optional*): Size of generated images; default
+                `config.sample_size * vae_scale_factor`.
+            output_type (`str`, defaults to `"pil"`): Images in `segments` as `"pil"`, `"np"`, `"pt"` or `"latent"`.
+
+        Returns:
+            [`MonoFormerInterleavedOutput`]: `segments` (text strings and images in order), `sequences`,
+            `image_latents` and `cache`.
+
+        Example:
+
+        ```py
+        >>> from transformers import TextStreamer
+        >>> out = pipe.generate_interleaved("Show me a picture of a sneaker.",
+        ...                                 streamer=TextStreamer(pipe.processor.tokenizer, skip_special_tokens=True))
+        >>> [type(s).__name__ for s in out.segments]
+        ['str', 'Image', 'str']
+        ```
+        """
+        config = self.model.config
+        height = height or config.sample_size * self.vae_scale_factor
+        width = width or config.sample_size * self.vae_scale_factor
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        self.check_interleaved_inputs(
+            prompt, images, max_new_tokens, height, width, num_inference_steps, guidance_scale, output_type,
+            generate_kwargs,
+        )
+        device = self._execution_device
+        tokenizer = self.processor.tokenizer
+
+        # 1. The prompt, its images as clean latents (the VAE encodes them), and the stop tokens
+        items = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        pixels = [self.preprocess_image(item, f"images[{i}]") for i, item in enumerate(items)]
+        image_latents = [self.encode_image(x)[0] for x in pixels]
+        sizes = [tuple(x.shape[-2:]) for x in pixels]
+        sequences = self.processor(text=prompt, image_sizes=[sizes], return_tensors="pt")["input_ids"].to(device)
+        boi, eoi = self.processor.boi_token_id, self.processor.eoi_token_id
+        eos = generate_kwargs.pop("eos_token_id", None)
+        eos = self.model.generation_config.eos_token_id if eos is None else eos
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [boi])[0])
+        max_positions = getattr(config.text_config, "max_position_embeddings", None)
+        n_image_tokens = self.processor.num_image_tokens(height, width)
+        segment_streamer = _SegmentStreamer(streamer) if streamer is not None else None
+
+        # 2. Text until `<boi>` / EOS / the budget; an image after each `<boi>`
+        cache = DynamicCache()
+        segments, budget = [], max_new_tokens
+        while budget > 0:
+            room = budget if max_positions is None else min(budget, max_positions - sequences.shape[1])
+            if room < 1:
+                break
+            prompt_images = {}
+            if cache.get_seq_length() == 0 and image_latents:  # prefill: the prompt's images, clean
+                prompt_images = {"latents": image_latents, "timesteps": torch.zeros(len(image_latents), device=device)}
+            output = self.model.generate(
+                input_ids=sequences, attention_mask=torch.ones_like(sequences), cache=cache, max_new_tokens=room,
+                eos_token_id=[boi, *eos], streamer=segment_streamer, **prompt_images, **generate_kwargs,
+            )
+            new_tokens = output[0, sequences.shape[1] :]
+            budget -= new_tokens.numel()
+            sequences = output
+            wants_image = new_tokens.numel() > 0 and int(new_tokens[-1]) == boi
+            text = tokenizer.decode(new_tokens[:-1] if wants_image else new_tokens, skip_special_tokens=True)
+            if text:
+                segments.append(text)
+            if not wants_image:
+                break
+            if max_positions is not None and sequences.shape[1] + n_image_tokens + 1 > max_positions:
+                logger.warning(
+                    f"The model started an image at token {sequences.shape[1]}, but its {n_image_tokens} tokens would "
+                    f"pass max_position_embeddings={max_positions}: generation stops there."
+                )
+                break
+            latents = self.generate_image_in_context(
+                sequences, cache, height, width, num_inference_steps, guidance_scale, guidance_start, guidance_stop,
+                generator,
+            )
+            # The finished image goes into the cache as clean context; `<eoi>` is the next step's input.
+            block = torch.full((1, n_image_tokens), self.processor.image_token_id, dtype=torch.long, device=device)
+            self.model(
+                input_ids=block, attention_mask=torch.ones(1, sequences.shape[1] + n_image_tokens, device=device),
+                latents=latents, timesteps=torch.zeros(1, device=device), cache=cache, use_cache=True,
+                logits_to_keep=1,
+            )
+            eoi_token = torch.tensor([[eoi]], device=device)
+            sequences = torch.cat([sequences, block, eoi_token], dim=1)
+            image_latents.append(latents[0])
+            segments.append(self.decode_latents(latents, output_type)[0])
+            if streamer is not None:
+                streamer.put(eoi_token[0].cpu())
+        if streamer is not None:
+            streamer.end()
+        self.maybe_free_model_hooks()
+        return MonoFormerInterleavedOutput(
+            segments=segments, sequences=sequences, image_latents=image_latents, cache=cache
+        )
 
     # ------------------------------------------------------------------------------------------------------ saving
     def save_pretrained(
@@ -818,4 +1344,10 @@ class MonoFormerPipeline(DiffusionPipeline):
             f.write("\n")
 
 
-__all__ = ["MonoFormerPipeline", "MonoFormerDenoisingContext", "check_guider", "check_scheduler_matches"]
+__all__ = [
+    "MonoFormerPipeline",
+    "MonoFormerDenoisingContext",
+    "MonoFormerInterleavedOutput",
+    "check_guider",
+    "check_scheduler_matches",
+]
