@@ -6,7 +6,13 @@ One Llama-style transformer learns three things with the same weights:
   space (no VAE, `vae_scale_factor=1`, one channel, 4x4 patches = 49 image tokens), prompts dropped 10% of the time
   for classifier-free guidance;
 - captioning: `<boi> <image> x 49 <eoi> "a photo of a sneaker"`, the clean image first, the caption learnt by the LM;
-- text: paragraphs of Jane Austen's novels (*Persuasion* is held out for the perplexity benchmark).
+- text: paragraphs of Jane Austen's novels (*Persuasion* is held out for the perplexity benchmark);
+- behind flags (off by default): editing, `<boi> source <eoi> "flip it horizontally" <boi> target <eoi>` with
+  targets built from the data (`EDITS`: the mirrored image, the inverted image, or another training image of the
+  named class for "turn it into <class>"), and interleaved text and images, `"Show me a picture of a sneaker." <boi>
+  image <eoi> " Here is a sneaker."` (`INTERLEAVED_TEMPLATES`), so that `pipe.generate_interleaved` and
+  `pipe(instruction, image=source)` work; `--caption_max_noise 0.5` noises the captioned images (Transfusion).
+  Edit sources are training images; the benchmark edits held-out test images.
 
 Data (Debian packages, nothing downloaded from a hub):
 
@@ -106,6 +112,19 @@ SAMPLE_PROMPT_TEMPLATE = "a photo of {}"
 # evaluations per image (conditional + unconditional row), unguided ones 1.
 # Guidance 4 on the middle half of the 14 steps: 7 guided (2 evaluations) + 7 unguided (1) = 21 per image.
 SAMPLER_DEFAULTS = {"num_inference_steps": 14, "guidance_scale": 4.0, "guidance_start": 0.25, "guidance_stop": 0.75}
+# Edit instructions and their ground truth on [-1, 1] images (n, 1, 28, 28); "turn it into <class>" takes another
+# image of that class as its target (see `make_edit_sample`).
+EDITS = {
+    "flip it horizontally": lambda x: x.flip(-1),
+    "invert the colours": lambda x: -x,
+}
+CLASS_EDIT_TEMPLATE = "turn it into {}"
+# Interleaved samples: a request, the image, a remark on it.
+INTERLEAVED_TEMPLATES = [
+    ("Show me a picture of {}.", " Here is {}."),
+    ("Draw {}.", " This is {}."),
+    ("I would like to see {}.", " That is {}."),
+]
 
 
 def caption_class(text: str) -> int | None:
@@ -119,6 +138,36 @@ def caption_class(text: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
+def make_edit_sample(rng: random.Random, images: torch.Tensor, labels: torch.Tensor, by_class: list[list[int]],
+                     index: int) -> dict:
+    """An edit sample from real data: the source `images[index]`, an instruction drawn uniformly from the two
+    transforms of `EDITS` and "turn it into <another class>", and its ground-truth target."""
+    source, label = images[index], int(labels[index])
+    kind = rng.randrange(len(EDITS) + 1)
+    if kind < len(EDITS):
+        instruction = list(EDITS)[kind]
+        target = EDITS[instruction](source.unsqueeze(0))[0]
+    else:
+        new_class = rng.choice([c for c in range(len(CLASS_NAMES)) if c != label])
+        instruction = CLASS_EDIT_TEMPLATE.format(CLASS_NAMES[new_class])
+        target = images[rng.choice(by_class[new_class])]
+    return {"text": instruction, "source": source, "pixel_values": target, "task": "edit"}
+
+
+def make_interleaved_sample(rng: random.Random, image: torch.Tensor, label: int, image_token: str) -> dict:
+    """`"Show me a picture of a sneaker." <image> " Here is a sneaker."` with a real image of the class."""
+    before, after = rng.choice(INTERLEAVED_TEMPLATES)
+    name = CLASS_NAMES[label]
+    return {"text": before.format(name) + image_token + after.format(name), "images": [image], "task": "interleaved"}
+
+
+def edit_and_interleaved_corpus() -> list[str]:
+    """The texts of edit and interleaved samples, for the tokenizer."""
+    texts = list(EDITS) + [CLASS_EDIT_TEMPLATE.format(n) for n in CLASS_NAMES]
+    texts += [part.format(n) for pair in INTERLEAVED_TEMPLATES for part in pair for n in CLASS_NAMES]
+    return texts
+
+
 def load_idx(path: str) -> np.ndarray:
     """Read a gzipped IDX file (the MNIST format) into a uint8 array."""
     data = gzip.open(path).read()
@@ -357,6 +406,13 @@ def parse_args(argv=None):
     group.add_argument("--export_data", default=None, metavar="DIR",
                        help="write the training data as DIR/images (imagefolder with captions) and "
                             "DIR/austen_train.txt (unless --text_fraction 0) for train_text_to_image.py, and exit")
+    group.add_argument("--edit_fraction", type=float, default=0.0,
+                       help="edit samples (flip / invert / turn it into <class>, built from the data); 0 = none")
+    group.add_argument("--interleaved_fraction", type=float, default=0.0,
+                       help='interleaved samples ("Show me a picture of <class>." <image> " Here is <class>.")')
+    group.add_argument("--caption_max_noise", type=float, default=None,
+                       help="noise captioned images at t <= this fraction of the schedule (Transfusion: 0.5); "
+                            "default: clean")
     group.add_argument("--hflip", action="store_true",
                        help="random horizontal flips (off: Fashion-MNIST's shoes all face left, and flipped ones are "
                             "read as another class; flips cost 0.4 class accuracy on footwear)")
@@ -414,11 +470,17 @@ def main(argv=None):
     if args.subset and texts:
         texts = texts[: args.subset]
     captions = [t.format(n) for t in CAPTION_TEMPLATES for n in CLASS_NAMES]
+    if args.edit_fraction or args.interleaved_fraction:  # only then: the default recipe keeps its exact tokenizer
+        captions += edit_and_interleaved_corpus()
+    if args.text_fraction + args.caption_fraction + args.edit_fraction + args.interleaved_fraction > 1:
+        raise ValueError("--text_fraction + --caption_fraction + --edit_fraction + --interleaved_fraction must be <= 1.")
     tokenizer = build_tokenizer(captions * 20 + texts, args.vocab_size)
     model, processor, train_scheduler, sample_scheduler = build_model(args, tokenizer)
     collator = MonoFormerDataCollator(
-        processor, train_scheduler, args.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed
+        processor, train_scheduler, args.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed,
+        caption_max_noise=args.caption_max_noise,
     )
+    by_class = [torch.nonzero(labels == c).squeeze(-1).tolist() for c in range(len(CLASS_NAMES))]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sample_pipe = MonoFormerPipeline(
         model=ema, vae=None, scheduler=sample_scheduler, processor=processor, guider=tuned_guider(args),
@@ -432,7 +494,7 @@ def main(argv=None):
         f"{len(texts)} Austen paragraphs, vocab {len(tokenizer)}; {torch.get_num_threads()} threads"
     )
 
-    seen = {"generate": 0, "caption": 0}  # images trained on, per task
+    seen = {"generate": 0, "caption": 0, "edit": 0, "interleaved": 0}  # samples trained on, per task
 
     def sample_batch() -> dict:
         batch = []
@@ -446,9 +508,17 @@ def main(argv=None):
             image = images[i]
             if args.hflip and rng.random() < 0.5:  # off by default: every shoe in Fashion-MNIST faces left
                 image = image.flip(-1)
-            task = "caption" if r < args.text_fraction + args.caption_fraction else "generate"
+            bounds = np.cumsum([args.text_fraction, args.caption_fraction, args.edit_fraction,
+                                args.interleaved_fraction])
+            task = "caption" if r < bounds[1] else "edit" if r < bounds[2] else "interleaved" if r < bounds[3] else (
+                "generate")
             seen[task] += 1
-            batch.append({"text": caption, "pixel_values": image, "task": task})
+            if task == "edit":
+                batch.append(make_edit_sample(rng, images, labels, by_class, i))
+            elif task == "interleaved":
+                batch.append(make_interleaved_sample(rng, image, int(labels[i]), processor.image_token))
+            else:
+                batch.append({"text": caption, "pixel_values": image, "task": task})
         return collator(batch)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -512,6 +582,7 @@ def main(argv=None):
     summary = {
         "steps": step, "train_seconds": round(train_seconds, 1), "params": n_params,
         "images_seen": seen["generate"], "captioned_images_seen": seen["caption"],
+        "edit_samples_seen": seen["edit"], "interleaved_samples_seen": seen["interleaved"],
         **{f"final_{k}": float(np.nanmean([h[k] for h in history[-window:]])) for k in ("lm_loss", "diffusion_loss")},
         **{f"first_{k}": float(np.nanmean([h[k] for h in history[:window]])) for k in ("lm_loss", "diffusion_loss")},
     }

@@ -123,3 +123,97 @@ def test_packed_batch_gives_the_same_loss_as_padded(pixel_model_and_processor):
             assert torch.allclose(x, y, atol=1e-5)
         results[impl] = b.lm_loss
     assert torch.allclose(results["sdpa"], results["eager"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Any-to-any layouts: noise-capped captions, edits, interleaved samples
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheduler,prediction_type", [(DDPMScheduler(), "epsilon"),
+                                                       (FlowMatchEulerDiscreteScheduler(), "flow")])
+def test_noise_cap_keeps_timesteps_in_the_first_half_of_the_schedule(scheduler, prediction_type):
+    x0 = torch.randn(2000, 1, 2, 2)
+    _, t, _ = add_training_noise(scheduler, x0, prediction_type, torch.Generator().manual_seed(0), max_noise=0.5)
+    assert t.max() <= 500 and t.float().mean() < 300  # uniform over [0, 500]: mean ~250
+    _, t_full, _ = add_training_noise(scheduler, x0, prediction_type, torch.Generator().manual_seed(0))
+    assert t_full.max() > 900
+    with pytest.raises(ValueError, match="`max_noise`"):
+        add_training_noise(scheduler, x0, prediction_type, max_noise=0.0)
+
+
+def test_caption_images_are_clean_or_noised_under_the_cap(pixel_model_and_processor):
+    model, processor = pixel_model_and_processor
+    img = torch.rand(1, 4, 4) * 2 - 1
+    samples = [{"text": "a coat", "pixel_values": img, "task": "caption"}] * 64
+    clean = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", seed=0)(samples)
+    assert (clean["timesteps"] == 0).all() and clean["diffusion_target"] is None
+    capped = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", seed=0, caption_max_noise=0.5)(samples)
+    assert capped["timesteps"].max() < 500 and capped["timesteps"].max() > 0
+    assert capped["diffusion_target"].shape == (64, 1, 4, 4) and not torch.equal(capped["latents"][0], img)
+    # the caption is still the LM's target after the (noised) image
+    assert torch.equal(capped["labels"], clean["labels"])
+    out = model(**capped)
+    assert out.lm_loss is not None and out.diffusion_loss is not None
+    with pytest.raises(ValueError, match="`caption_max_noise`"):
+        MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", caption_max_noise=1.5)
+
+
+def test_edit_layout_source_clean_instruction_unlabelled_target_noised(pixel_model_and_processor):
+    model, processor = pixel_model_and_processor
+    source, target = torch.rand(1, 4, 4) * 2 - 1, torch.rand(1, 4, 4) * 2 - 1
+    collator = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", cfg_dropout=0.0, seed=0)
+    batch = collator([{"text": "flip it horizontally", "source": source, "pixel_values": target, "task": "edit"},
+                      {"text": "a dress", "pixel_values": target}])
+    ids, labels, c = batch["input_ids"][0], batch["labels"][0], model.config
+    n = c.num_image_tokens(4, 4)
+    boi = (ids == c.boi_token_id).nonzero().squeeze(-1).tolist()
+    eoi = (ids == c.eoi_token_id).nonzero().squeeze(-1).tolist()
+    assert len(boi) == 2 and len(eoi) == 2 and boi[0] == 0 and eoi[0] == n + 1
+    instruction = processor.tokenizer("flip it horizontally", add_special_tokens=False)["input_ids"]
+    assert ids[eoi[0] + 1 : boi[1]].tolist() == instruction and eoi[1] == boi[1] + n + 1
+    assert (labels[: boi[1]] == -100).all() and labels[boi[1]] == c.boi_token_id  # the target's <boi> is learnt
+    assert isinstance(batch["latents"], list) and torch.equal(batch["latents"][0], source)
+    assert batch["timesteps"][0] == 0 and batch["diffusion_target"][0] is None  # source: clean context, no loss
+    assert batch["timesteps"][1] > 0 and batch["diffusion_target"][1].shape == target.shape
+    assert batch["timesteps"][2] > 0  # the generate sample's image
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.diffusion_loss is not None
+
+
+def test_edit_drops_instruction_and_source_independently(pixel_model_and_processor):
+    model, processor = pixel_model_and_processor
+    c = model.config
+    collator = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", cfg_dropout=0.3, seed=0)
+    sample = {"text": "invert the colours", "source": torch.zeros(1, 4, 4), "pixel_values": torch.ones(1, 4, 4),
+              "task": "edit"}
+    batch = collator([sample] * 400)
+    n = c.num_image_tokens(4, 4)
+    has_source = (batch["input_ids"] == c.image_token_id).sum(1) == 2 * n
+    has_text = batch["attention_mask"].sum(1) > (2 * n + 4) * has_source + (n + 2) * ~has_source
+    assert 0.6 < has_source.float().mean() < 0.8 and 0.6 < has_text.float().mean() < 0.8
+    both_dropped = (~has_source & ~has_text).float().mean()
+    assert 0.04 < both_dropped < 0.16  # 0.3 * 0.3 = 0.09: independent draws
+    assert len(batch["latents"]) == 400 + int(has_source.sum())
+    with pytest.raises(ValueError, match="no `source`"):
+        collator([{"text": "x", "pixel_values": torch.zeros(1, 4, 4), "task": "edit"}])
+
+
+def test_interleaved_layout_labels_text_and_boi_and_noises_every_image(pixel_model_and_processor):
+    model, processor = pixel_model_and_processor
+    c = model.config
+    collator = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", seed=0)
+    images = [torch.rand(1, 4, 4) * 2 - 1, torch.rand(1, 4, 8) * 2 - 1]
+    batch = collator([{"text": "Show me a dress.<image> Here it is, and a bag:<image>", "images": images,
+                       "task": "interleaved"}, {"text": "a photo of a bag"}])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    image_positions = ids == c.image_token_id
+    assert int(image_positions.sum()) == c.num_image_tokens(4, 4) + c.num_image_tokens(4, 8)
+    assert (labels[image_positions] == -100).all() and (labels[ids == c.eoi_token_id] == -100).all()
+    assert (labels[ids == c.boi_token_id] == c.boi_token_id).all()  # the LM learns to start each image
+    text = ~image_positions & (ids != c.eoi_token_id) & batch["attention_mask"][0].bool()
+    assert torch.equal(labels[text], ids[text]) and ids[batch["attention_mask"][0].bool()][-1] == processor.tokenizer.eos_token_id
+    assert [tuple(x.shape) for x in batch["latents"]] == [(1, 4, 4), (1, 4, 8)]
+    assert (batch["timesteps"] > 0).all() and all(t is not None for t in batch["diffusion_target"])
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.diffusion_loss is not None
+    with pytest.raises(ValueError, match="marker"):
+        collator([{"text": "no marker", "images": images, "task": "interleaved"}])

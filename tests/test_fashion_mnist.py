@@ -185,3 +185,45 @@ def test_austen_loader_reads_the_novels_and_holds_out_persuasion():
     assert len(train) > 5000 and len(test) > 500
     assert all(40 <= len(p) <= 160 for p in train[:200])
     assert not set(train) & set(test)
+
+
+def test_edit_samples_are_built_from_real_data():
+    images = torch.rand(30, 1, 28, 28) * 2 - 1
+    labels = torch.arange(30) % 10
+    by_class = [torch.nonzero(labels == c).squeeze(-1).tolist() for c in range(10)]
+    rng = __import__("random").Random(0)
+    kinds = set()
+    for _ in range(60):
+        s = recipe.make_edit_sample(rng, images, labels, by_class, 7)
+        assert s["task"] == "edit" and torch.equal(s["source"], images[7])
+        if s["text"] == "flip it horizontally":
+            assert torch.equal(s["pixel_values"], images[7].flip(-1))
+        elif s["text"] == "invert the colours":
+            assert torch.equal(s["pixel_values"], -images[7])
+        else:
+            name = s["text"].removeprefix("turn it into ")
+            target_class = recipe.CLASS_NAMES.index(name)
+            assert target_class != 7 and any(torch.equal(s["pixel_values"], images[j]) for j in by_class[target_class])
+        kinds.add(s["text"].split(" ")[0])
+    assert kinds == {"flip", "invert", "turn"}
+    sample = recipe.make_interleaved_sample(rng, images[3], 3, "<image>")
+    assert sample["text"].count("<image>") == 1 and sample["text"].count("a dress") == 2
+
+
+def test_recipe_mixes_edit_and_interleaved_samples_behind_flags(tmp_path):
+    require_fashion_mnist()
+    tiny = [
+        "--subset", "64", "--max_steps", "3", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
+        "--vocab_size", "400", "--batch_size", "16", "--text_fraction", "0", "--sample_steps", "2",
+        "--warmup_steps", "1", "--edit_fraction", "0.3", "--interleaved_fraction", "0.3", "--caption_max_noise", "0.5",
+        "--output_dir", str(tmp_path),
+    ]
+    summary = recipe.main(tiny)
+    assert summary["edit_samples_seen"] > 0 and summary["interleaved_samples_seen"] > 0
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    source = torch.rand(1, 1, 28, 28)
+    edited = pipe("flip it horizontally", image=source, num_inference_steps=2, output_type="pt").images
+    assert edited.shape == (1, 1, 28, 28)
+    out = pipe.generate_interleaved("Show me a picture of a sneaker.", max_new_tokens=8, num_inference_steps=2)
+    assert out.sequences.shape[1] > pipe.processor(text="Show me a picture of a sneaker.")["input_ids"].shape[1]

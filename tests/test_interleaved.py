@@ -91,10 +91,11 @@ def test_forced_boi_gives_text_image_text_and_cache_equals_full_recompute(pixel_
     assert_cache_equal(out.cache, recompute_cache(pipe, out))
 
 
-def test_image_in_context_equals_the_text_to_image_pipeline_on_the_same_prefix():
+@pytest.mark.parametrize("timestep_conditioning", ["adaln", "token"])
+def test_image_in_context_equals_the_text_to_image_pipeline_on_the_same_prefix(timestep_conditioning):
     """With `<boi>` forced right after the prompt, the sequence before the image is exactly the pipeline's prompt row,
     and the batched CFG rows (the prompt's cache and `<boi>` alone) are its rows: the same seed gives the same image."""
-    pipe = make_pipe()
+    pipe = make_pipe(timestep_conditioning=timestep_conditioning)
     out = text_image_text(pipe, text_before=0, output_type="latent", guidance_scale=3.0)
     expected = pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.manual_seed(0),
                     output_type="latent").images
