@@ -47,7 +47,7 @@ class, drawn with the seed) and `DIR/austen_train.txt` (the five training novels
 stays out), then exits without training:
 
     python examples/train_fashion_mnist.py --export_data ~/fmnist-export --output_dir ~/fmnist-export
-    python examples/train_text_to_image.py --train_data_dir ~/fmnist-export/images \
+    python examples/train_text_to_image.py --train_data_dir ~/fmnist-export/images \\
         --text_data_file ~/fmnist-export/austen_train.txt --text_ratio 0.15 --caption_ratio 0.15 ...
 
 The run is seeded: with `--max_steps` (and the same `--subset`/threads), two runs give the same weights. A `--minutes`

@@ -26,7 +26,7 @@ sampler, loss history), `samples/step-<step>.png`, `loss_curve.png`, `loss_histo
         --pretrained_model_name_or_path ./monoformer-base --train_data_file data.jsonl --lora_rank 8 \\
         --output_dir ./out --push_to_hub --hub_model_id me/monoformer-lora
     # image experts (LMFusion) in bf16 autocast: the LLM's text is kept exactly
-    python examples/train_text_to_image.py --pretrained_model_name_or_path ./monoformer-base \
+    python examples/train_text_to_image.py --pretrained_model_name_or_path ./monoformer-base \\
         --train_data_dir ./my_images --image_experts full --mixed_precision bf16 --output_dir ./out
 """
 
