@@ -499,6 +499,18 @@ def delete_folder(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def check_batch_shape(saved: dict | None, current: dict, checkpoint: str) -> None:
+    """A checkpoint's place in the data is counted in batches of its own shape: resuming with another batch size,
+    accumulation or process count would skip the wrong samples, so it is refused rather than applied silently."""
+    changed = [f"{k} {current[k]} (checkpoint: {v})" for k, v in (saved or {}).items() if current.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {checkpoint} was trained with another batch shape: {', '.join(changed)}. "
+            "Resume with the checkpoint's `--train_batch_size`, `--gradient_accumulation_steps` and number of "
+            "processes, or start a new run (without `--resume_from_checkpoint`) from its `pipeline/` model."
+        )
+
+
 def optimisation_settings(args) -> dict:
     """The flags that shape optimisation; a checkpoint records them so a resumed run can say what changed."""
     return {name: getattr(args, name) for name in OPTIMISATION_FLAGS}
@@ -674,6 +686,8 @@ def main(argv=None):
         ema.to(accelerator.device)
 
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    batch_shape = {"train_batch_size": args.train_batch_size, "num_processes": accelerator.num_processes,
+                   "gradient_accumulation_steps": args.gradient_accumulation_steps}
     logger.info(
         f"{len(records)} images, {dataset.num_text} text samples, {accelerator.num_processes} process(es), global "
         f"batch {global_batch}, {max_train_steps} steps, {training_method(args, config)}"
@@ -724,7 +738,9 @@ def main(argv=None):
             with open(os.path.join(resumed, "loss_history.json")) as f:
                 history = json.load(f)
             with open(os.path.join(resumed, "training_state.json")) as f:
-                settings = json.load(f)["optimisation"]
+                state = json.load(f)
+            settings = state["optimisation"]
+            check_batch_shape(state.get("batch_shape"), batch_shape, resumed)
             current = optimisation_settings(args)
             changed = [f"--{k} {v} (checkpoint: {settings[-1].get(k)})" for k, v in current.items()
                        if settings[-1].get(k) != v]
@@ -759,7 +775,7 @@ def main(argv=None):
             with open(os.path.join(tmp, "loss_history.json"), "w") as f:
                 json.dump(history, f)
             with open(os.path.join(tmp, "training_state.json"), "w") as f:
-                json.dump({"optimisation": settings}, f)
+                json.dump({"optimisation": settings, "batch_shape": batch_shape}, f)
             replace_folder(tmp, final)  # a crash while saving never damages the previous checkpoints
             if args.checkpoints_total_limit:
                 for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:

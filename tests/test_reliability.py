@@ -158,6 +158,15 @@ def test_adam_settings_changed_on_resume_reach_the_optimizer(assets, tmp_path):
     assert (group["weight_decay"], group["betas"][0], group["eps"]) == (0.5, 0.5, 1e-6)
 
 
+def test_batch_shape_changed_on_resume_is_refused_not_silently_ignored(assets, tmp_path):
+    out = tmp_path / "out"
+    train.main(script_args(assets, out, "--checkpointing_steps", "1", steps=1))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 2 \\(checkpoint: 1\\)"):
+        train.main(script_args(assets, out, "--resume_from_checkpoint", "latest",
+                               "--gradient_accumulation_steps", "2", steps=2))
+    assert checkpoint_names(out) == ["checkpoint-1"]  # nothing written, nothing moved aside
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 10. A half-written folder of a killed run is never carried into a new save
 # ----------------------------------------------------------------------------------------------------------------------
