@@ -200,7 +200,7 @@ class MonoFormerProcessor(ProcessorMixin):
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """The image processor from its sibling class (not `AutoImageProcessor`, which would need remote code: diffusers
         does not forward `trust_remote_code` to components) and the tokenizer through `AutoTokenizer` with the
-        caller's own options (`trust_remote_code` only if the caller passed it). The base `from_pretrained` does the
+        caller's own options (`trust_remote_code=True` only if the caller passed it; False otherwise, never a prompt). The base `from_pretrained` does the
         rest: `processor_config.json`, the chat template, and keyword overrides."""
         subfolder = kwargs.pop("subfolder", "") or ""
         path = os.path.join(str(pretrained_model_name_or_path), subfolder)
@@ -219,6 +219,10 @@ class MonoFormerProcessor(ProcessorMixin):
                 f"{path!r} has no tokenizer.json (nor another vocabulary file): the processor's tokenizer cannot be "
                 "loaded. Restore the file from the folder the checkpoint was converted or saved from."
             )
+        # The tokenizer is a stock class. Without the caller's own `trust_remote_code`, say "no" to the folder's code
+        # up front: `AutoTokenizer` would otherwise resolve the model's config.json (its `auto_map`) and stop at
+        # transformers' interactive prompt. A caller's True or False is passed on unchanged.
+        kwargs.setdefault("trust_remote_code", False)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 

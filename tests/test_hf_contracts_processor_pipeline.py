@@ -73,7 +73,27 @@ def test_from_pretrained_opts_into_remote_code_only_when_the_user_does(tmp_path,
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
     MonoFormerProcessor.from_pretrained(tmp_path)
     MonoFormerProcessor.from_pretrained(tmp_path, trust_remote_code=True)
-    assert seen == [None, True]
+    assert seen == [False, True]  # never opted in for the user (False: the folder's code is declined, no prompt)
+
+
+def test_processor_beside_its_model_loads_in_a_fresh_process_without_asking_to_run_the_folders_code(tmp_path):
+    # A converted checkpoint keeps config.json (with auto_map) and the tokenizer in one folder: loading the processor
+    # must neither run that code nor stop at transformers' interactive "run the custom code? [y/N]".
+    import subprocess
+    import sys
+
+    tok = make_tokenizer()
+    model = MonoFormerForConditionalGeneration.from_llm(tiny_llama(), tokenizer=tok, latent_channels=3, patch_size=2,
+                                                        vae_scale_factor=1, sample_size=8)
+    model.save_pretrained(tmp_path)
+    MonoFormerProcessor(MonoFormerImageProcessor(num_channels=3), tok).save_pretrained(tmp_path)
+    code = ("from modeling_monoformer import MonoFormerProcessor; "
+            f"p = MonoFormerProcessor.from_pretrained({str(tmp_path)!r}); print(p.tokenizer.convert_tokens_to_ids('<image>'))")
+    done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "custom code" not in done.stdout + done.stderr
+    assert int(done.stdout.split()[-1]) == model.config.image_token_id
 
 
 def test_generate_takes_the_processor_output_of_a_pixel_space_model():
