@@ -259,19 +259,9 @@ FRESH_LOAD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-tied"])
-def test_save_and_load_in_fresh_process_without_package(make, tmp_path):
-    model = wrap(make(), timestep_conditioning="token", learn_sigma=True)
-    cfg = model.config
-    inputs = dict(
-        input_ids=torch.tensor([image_row(cfg, [5, 6], 4, 4, suffix=[7])]),
-        latents=torch.randn(1, 4, 4, 4),
-        timesteps=torch.tensor([321]),
-    )
-    model.save_pretrained(tmp_path / "ckpt")
-    files = set(os.listdir(tmp_path / "ckpt"))
-    assert {"model.safetensors", "config.json", "modeling_monoformer.py", "configuration_monoformer.py"} <= files
-    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+def assert_fresh_process_load_matches(model, inputs: dict, tmp_path) -> None:
+    """Load `tmp_path / "ckpt"` by remote code through each auto class in a process without this package (FRESH_LOAD)
+    and check its logits and diffusion output against `model` to 1e-6."""
     torch.save(inputs, tmp_path / "inputs.pt")
     script = tmp_path / "load.py"
     script.write_text(FRESH_LOAD)
@@ -287,6 +277,22 @@ def test_save_and_load_in_fresh_process_without_package(make, tmp_path):
     for name, res in results.items():
         assert (res["logits"] - ref.logits).abs().max() <= 1e-6, name
         assert (res["diffusion_output"] - ref.diffusion_output).abs().max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-tied"])
+def test_save_and_load_in_fresh_process_without_package(make, tmp_path):
+    model = wrap(make(), timestep_conditioning="token", learn_sigma=True)
+    cfg = model.config
+    inputs = dict(
+        input_ids=torch.tensor([image_row(cfg, [5, 6], 4, 4, suffix=[7])]),
+        latents=torch.randn(1, 4, 4, 4),
+        timesteps=torch.tensor([321]),
+    )
+    model.save_pretrained(tmp_path / "ckpt")
+    files = set(os.listdir(tmp_path / "ckpt"))
+    assert {"model.safetensors", "config.json", "modeling_monoformer.py", "configuration_monoformer.py"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    assert_fresh_process_load_matches(model, inputs, tmp_path)
 
 
 def test_reload_in_process_has_no_missing_or_unexpected_keys(llama, tmp_path):

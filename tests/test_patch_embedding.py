@@ -1,7 +1,6 @@
 """U-Net patch path (`patch_embedder="unet"`): shapes, placeholder counts, prefix cache, training signal, round trips."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ from modeling_monoformer import (
     add_training_noise,
 )
 from tests.conftest import make_tokenizer, tiny_llama
-from tests.test_modeling import FRESH_LOAD, image_row
+from tests.test_modeling import assert_fresh_process_load_matches, image_row
 from tests.test_pipeline import PROMPTS, generate, make_pipe
 
 
@@ -153,21 +152,7 @@ def test_unet_save_and_load_in_fresh_process_without_package(tmp_path):
     )
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "patch_embedding_monoformer.py").is_file()
-    torch.save(inputs, tmp_path / "inputs.pt")
-    script = tmp_path / "load.py"
-    script.write_text(FRESH_LOAD)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        check=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    results = torch.load(tmp_path / "out.pt", weights_only=True)
-    with torch.no_grad():
-        ref = model(**inputs)
-    for name, res in results.items():
-        assert (res["logits"] - ref.logits).abs().max() <= 1e-6, name
-        assert (res["diffusion_output"] - ref.diffusion_output).abs().max() <= 1e-6, name
+    assert_fresh_process_load_matches(model, inputs, tmp_path)
 
 
 def test_lora_trains_the_unet_blocks_fully():
