@@ -49,6 +49,7 @@ try:
         PREDICTION_TYPES,
         TIMESTEP_CONDITIONING_MODES,
     )
+    from modeling_monoformer.scheduler_rules_monoformer import default_noise_scheduler
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from modeling_monoformer import MonoFormerForConditionalGeneration
@@ -58,6 +59,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
         PREDICTION_TYPES,
         TIMESTEP_CONDITIONING_MODES,
     )
+    from modeling_monoformer.scheduler_rules_monoformer import default_noise_scheduler
 
 logger = logging.getLogger("convert_llm_to_monoformer")
 
@@ -200,22 +202,6 @@ def load_tokenizer(path: str, gguf_file: str | None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Conversion, check, saving
 # ----------------------------------------------------------------------------------------------------------------------
-def default_scheduler(prediction_type: str, num_train_timesteps: int, learn_sigma: bool):
-    """The scheduler saved next to the model: DDPM for epsilon/v models, flow-matching Euler for flow models."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if prediction_type == "flow":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps)
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule="linear",
-        prediction_type=prediction_type,
-        variance_type="learned_range" if learn_sigma else "fixed_small",
-        clip_sample=False,
-        timestep_spacing="trailing",  # sampling starts at t = T-1 whatever the number of steps
-    )
-
-
 @torch.no_grad()
 def verify_text_unchanged(llm, model, tokenizer, prompt: str, new_tokens: int) -> dict:
     """Compare logits on `prompt` and the greedy continuation; raise if they differ. Returns what was measured."""
@@ -313,7 +299,9 @@ def convert(args: argparse.Namespace) -> dict:
         processor.save_pretrained(out)
     else:
         tokenizer.save_pretrained(out)
-    default_scheduler(cfg.prediction_type, cfg.num_train_timesteps, cfg.learn_sigma).save_pretrained(out / "scheduler")
+    default_noise_scheduler(cfg.prediction_type, cfg.num_train_timesteps, cfg.learn_sigma).save_pretrained(
+        out / "scheduler"
+    )
     end = time.perf_counter()
     logger.info("Saved to %s in %.1f s (total %.1f s)", out, end - t_converted, end - start)
     report.update(load_s=t_loaded - start, convert_s=t_converted - t_loaded, save_s=end - t_converted,

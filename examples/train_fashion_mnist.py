@@ -70,7 +70,7 @@ import zlib
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.guiders import ClassifierFreeGuidance
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
@@ -88,6 +88,7 @@ from modeling_monoformer import (  # noqa: E402
     MonoFormerPipeline,
     MonoFormerProcessor,
     bf16_supported,
+    default_noise_scheduler,
 )
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -313,17 +314,16 @@ def build_model(args, tokenizer):
         unet_block_channels=args.unet_block_channels,
     )
     processor = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=1), tokenizer).configure_for_model(model.config)
+    train_scheduler = default_noise_scheduler(args.prediction_type, num_train_timesteps=1000)
     if args.prediction_type == "flow":
-        train_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         if args.sample_scheduler == "dpm":  # DPM-Solver++ (2nd order multistep) on the same flow sigmas
             sample_scheduler = DPMSolverMultistepScheduler(
                 use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0
             )
         else:
             sample_scheduler = FlowMatchEulerDiscreteScheduler.from_config(train_scheduler.config)
-    else:
-        train_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=args.prediction_type)
-        sample_scheduler = DDIMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")  # start at t=999
+    else:  # DDIM from t = 999; pixels live in [-1, 1], so it clips its x0 estimate (diffusers' DDIM default)
+        sample_scheduler = DDIMScheduler.from_config(train_scheduler.config, clip_sample=True)
     return model, processor, train_scheduler, sample_scheduler
 
 

@@ -57,6 +57,7 @@ from modeling_monoformer import (  # noqa: E402
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    default_noise_scheduler,
     enable_image_experts,
     freeze_text_weights,
 )
@@ -182,21 +183,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks (also used by the tests)
 # ----------------------------------------------------------------------------------------------------------------------
-def default_noise_scheduler(config):
-    """DDPM for epsilon / v models, flow-matching Euler for flow models (as the conversion script saves)."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if config.prediction_type == "flow":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps)
-    return DDPMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        prediction_type=config.prediction_type,
-        variance_type="learned_range" if config.learn_sigma else "fixed_small",
-        clip_sample=False,
-        timestep_spacing="trailing",
-    )
-
-
 def load_scheduler(folder):
     import diffusers
 
@@ -229,7 +215,9 @@ def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image
     if os.path.isfile(os.path.join(scheduler_dir, "scheduler_config.json")):
         scheduler = load_scheduler(scheduler_dir)
     else:
-        scheduler = default_noise_scheduler(model.config)
+        scheduler = default_noise_scheduler(
+            model.config.prediction_type, model.config.num_train_timesteps, model.config.learn_sigma
+        )
     vae = None
     vae_dir = vae_path or (os.path.join(path, "vae") if is_pipeline else None)
     if vae_dir is not None and os.path.isdir(vae_dir):

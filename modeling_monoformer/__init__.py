@@ -12,6 +12,7 @@ from .modeling_monoformer import (
 from .pipeline_monoformer import MonoFormerInterleavedOutput, MonoFormerPipeline
 from .precision_monoformer import bf16_supported, preferred_dtype, resolve_dtype
 from .processing_monoformer import MonoFormerProcessor
+from .scheduler_rules_monoformer import default_noise_scheduler
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "MonoFormerInterleavedOutput",
     "MonoFormerDataCollator",
     "add_training_noise",
+    "default_noise_scheduler",
     "bf16_supported",
     "preferred_dtype",
     "resolve_dtype",

@@ -10,7 +10,10 @@ from modeling_monoformer import (
     MonoFormerImageProcessor,
     MonoFormerProcessor,
     add_training_noise,
+    default_noise_scheduler,
 )
+from modeling_monoformer.configuration_monoformer import PREDICTION_TYPES
+from modeling_monoformer.scheduler_rules_monoformer import SCHEDULER_PREDICTION_TYPES
 from modeling_monoformer.packing_monoformer import pack_batch
 
 
@@ -46,6 +49,36 @@ def test_mismatched_scheduler_is_refused():
         add_training_noise(FlowMatchEulerDiscreteScheduler(), torch.randn(1, 1, 2, 2), "epsilon")
     with pytest.raises(ValueError, match="prediction_type"):
         add_training_noise(DDIMScheduler(prediction_type="epsilon"), torch.randn(1, 1, 2, 2), "v_prediction")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_default_scheduler_of_an_epsilon_or_v_model_is_ddpm_from_the_last_step(prediction_type, learn_sigma):
+    sched = default_noise_scheduler(prediction_type, num_train_timesteps=500, learn_sigma=learn_sigma)
+    assert type(sched) is DDPMScheduler
+    cfg = sched.config
+    assert (cfg.num_train_timesteps, cfg.prediction_type, cfg.beta_schedule) == (500, prediction_type, "linear")
+    assert cfg.variance_type == ("learned_range" if learn_sigma else "fixed_small") and cfg.clip_sample is False
+    sched.set_timesteps(10)
+    assert sched.timesteps[0] == 499  # "trailing": sampling starts at t = T - 1 whatever the number of steps
+    _, t, _ = add_training_noise(sched, torch.randn(3, 1, 2, 2), prediction_type)  # accepted for training
+    assert (t < 500).all()
+
+
+def test_default_scheduler_of_a_flow_model_is_flow_matching_euler():
+    sched = default_noise_scheduler("flow", num_train_timesteps=500)
+    assert type(sched) is FlowMatchEulerDiscreteScheduler
+    assert sched.config.num_train_timesteps == 500 and sched.config.shift == 1.0
+    _, t, _ = add_training_noise(sched, torch.randn(3, 1, 2, 2), "flow")
+    assert t.is_floating_point() and (t <= 500).all()
+
+
+def test_default_scheduler_covers_every_prediction_type_of_the_config_and_refuses_others():
+    assert SCHEDULER_PREDICTION_TYPES == PREDICTION_TYPES
+    with pytest.raises(ValueError, match="`prediction_type`.*'sample'"):
+        default_noise_scheduler("sample")
+    with pytest.raises(ValueError, match="`num_train_timesteps`"):
+        default_noise_scheduler("epsilon", num_train_timesteps=0)
 
 
 @pytest.fixture

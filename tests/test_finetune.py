@@ -21,6 +21,7 @@ from modeling_monoformer import (
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    default_noise_scheduler,
 )
 from modeling_monoformer.training_data_monoformer import (
     MonoFormerTrainingDataset,
@@ -72,7 +73,9 @@ def make_base(folder: pathlib.Path, latent: bool) -> pathlib.Path:
     model = MonoFormerForConditionalGeneration.from_llm(llm, tokenizer=tok, patch_size=2, sample_size=8, **overrides)
     model.save_pretrained(folder)
     MonoFormerProcessor(MonoFormerImageProcessor(), tok).configure_for_model(model.config).save_pretrained(folder)
-    train.default_noise_scheduler(model.config).save_pretrained(folder / "scheduler")
+    cfg = model.config
+    scheduler = default_noise_scheduler(cfg.prediction_type, cfg.num_train_timesteps, cfg.learn_sigma)
+    scheduler.save_pretrained(folder / "scheduler")
     if latent:
         torch.manual_seed(0)
         vae = AutoencoderKL(
@@ -149,7 +152,7 @@ def test_trainer_trains_unchanged_and_loss_falls(assets, tmp_path):
     records = load_image_caption_records(train_data_dir=str(assets["images"]))
     latents = encode_images(records, MonoFormerImageProcessor(num_channels=3), model.config, cache_dir=str(tmp_path))
     dataset = MonoFormerTrainingDataset([r["text"] for r in records], latents, seed=0)
-    collator = MonoFormerDataCollator(processor, train.default_noise_scheduler(model.config), "epsilon",
+    collator = MonoFormerDataCollator(processor, default_noise_scheduler("epsilon"), "epsilon",
                                       cfg_dropout=0.1, seed=0)
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), max_steps=40, per_device_train_batch_size=8, learning_rate=3e-3,
@@ -187,7 +190,7 @@ def test_lora_adapter_and_merged_round_trips(assets, tmp_path):
 
     records = load_image_caption_records(train_data_dir=str(assets["images"]))
     latents = encode_images(records, MonoFormerImageProcessor(num_channels=3), model.config)
-    collator = MonoFormerDataCollator(processor, train.default_noise_scheduler(model.config), "epsilon", seed=0)
+    collator = MonoFormerDataCollator(processor, default_noise_scheduler("epsilon"), "epsilon", seed=0)
     batch = collator([{"text": r["text"], "latents": x} for r, x in zip(records, latents)])
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()

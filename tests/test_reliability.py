@@ -12,6 +12,7 @@ from modeling_monoformer import (
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    default_noise_scheduler,
 )
 from modeling_monoformer.training_data_monoformer import (
     MonoFormerTrainingDataset,
@@ -96,7 +97,7 @@ def test_trainer_logs_the_mean_model_loss_like_the_script(assets, tmp_path):
     records = load_image_caption_records(train_data_dir=str(assets["images"]))
     latents = encode_images(records, MonoFormerImageProcessor(num_channels=3), model.config)
     dataset = MonoFormerTrainingDataset([r["text"] for r in records], latents, seed=0)
-    collator = MonoFormerDataCollator(processor, train.default_noise_scheduler(model.config), "epsilon", seed=0)
+    collator = MonoFormerDataCollator(processor, default_noise_scheduler("epsilon"), "epsilon", seed=0)
     with torch.no_grad():  # every image once; all images share one size, so the mean does not depend on grouping
         expected = model(**collator([dataset[i] for i in range(len(dataset))])).loss.item()
     args = TrainingArguments(
