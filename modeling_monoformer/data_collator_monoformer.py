@@ -10,7 +10,7 @@ import random
 
 import torch
 
-from .pipeline_monoformer import check_scheduler_matches  # one rule for training and sampling
+from .scheduler_rules_monoformer import check_scheduler_matches  # one rule for training and sampling
 
 TASKS = ("generate", "caption", "text", "edit", "interleaved")
 

@@ -1,7 +1,8 @@
 """MonoFormer text-to-image pipeline (diffusers `DiffusionPipeline`) with a prefix KV cache and batched CFG.
 
-This file travels with saved checkpoints (it is copied to the root of the folder `save_pretrained` writes), so it may
-import installed libraries only: no import from the `modeling_monoformer` package or its siblings.
+This file travels with saved checkpoints (it is copied to the root of the folder `save_pretrained` writes, with the
+sibling modules it imports: `scheduler_rules_monoformer.py`), so it imports installed libraries and those flat siblings
+only, never the `modeling_monoformer` package.
 """
 
 import importlib
@@ -26,10 +27,13 @@ from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, hub_utils, replace_example_docstring
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.logging import get_logger
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
 from transformers.generation.streamers import BaseStreamer
+
+from .scheduler_rules_monoformer import check_scheduler_matches  # one rule for training and sampling
 
 logger = get_logger(__name__)
 
@@ -50,42 +54,6 @@ EXAMPLE_DOC_STRING = """
         >>> image = pipe("a photo of a sneaker", num_inference_steps=25, generator=torch.manual_seed(0)).images[0]
         ```
 """
-
-
-def check_scheduler_matches(scheduler, prediction_type: str) -> None:
-    """Raise a `ValueError` if a diffusers scheduler cannot sample a model with this `prediction_type`.
-
-    The training collator uses this same rule. It lives here so that this file needs
-    no sibling module; for DPM-Solver with flow sigmas it also requires `prediction_type="flow_prediction"`.
-    """
-    name = type(scheduler).__name__
-    use_flow_sigmas = bool(getattr(scheduler.config, "use_flow_sigmas", False))
-    is_flow = "FlowMatch" in name or use_flow_sigmas
-    if prediction_type == "flow":
-        if not is_flow:
-            raise ValueError(
-                f"`scheduler` {name} is not a flow-matching scheduler but the model's `prediction_type` is 'flow': use "
-                "FlowMatchEulerDiscreteScheduler (or DPMSolverMultistepScheduler with use_flow_sigmas=True, "
-                "prediction_type='flow_prediction')."
-            )
-        sched_pred = getattr(scheduler.config, "prediction_type", "flow_prediction")
-        if use_flow_sigmas and sched_pred != "flow_prediction":
-            raise ValueError(
-                f"`scheduler.config.prediction_type` is {sched_pred!r} but the model predicts a flow velocity: "
-                "build it with `prediction_type='flow_prediction'`."
-            )
-        return
-    if is_flow:
-        raise ValueError(
-            f"`scheduler` {name} is a flow-matching scheduler but the model's `prediction_type` is "
-            f"{prediction_type!r}: use DDPM, DDIM, DPM-Solver++ or Euler."
-        )
-    sched_pred = getattr(scheduler.config, "prediction_type", prediction_type)
-    if sched_pred != prediction_type:
-        raise ValueError(
-            f"`scheduler.config.prediction_type` is {sched_pred!r} but the model predicts {prediction_type!r}: "
-            f"build it with `Scheduler.from_config(pipe.scheduler.config, prediction_type={prediction_type!r})`."
-        )
 
 
 def check_guider(guider) -> None:
@@ -1240,9 +1208,10 @@ class MonoFormerPipeline(DiffusionPipeline):
         """Save a self-contained folder: `DiffusionPipeline.from_pretrained(d, trust_remote_code=True)` loads it where
         the `modeling_monoformer` package is not installed.
 
-        On top of diffusers' layout this copies this file to the root as `pipeline_monoformer.py` and points
-        `model_index.json` at the code files saved next to each custom component (`model/modeling_monoformer.py`,
-        `processor/processing_monoformer.py`) instead of the importable package. `push_to_hub=True` uploads that folder.
+        On top of diffusers' layout this copies this file to the root as `pipeline_monoformer.py`, with the sibling
+        modules it imports (`scheduler_rules_monoformer.py`), and points `model_index.json` at the code files saved next
+        to each custom component (`model/modeling_monoformer.py`, `processor/processing_monoformer.py`) instead of the
+        importable package. `push_to_hub=True` uploads that folder.
         """
         self._check_vae(self.vae, self.model)  # a latent pipeline without its VAE would not load again
         hub_keys = ("commit_message", "private", "create_pr", "token", "repo_id")
@@ -1322,7 +1291,8 @@ class MonoFormerPipeline(DiffusionPipeline):
     def _make_self_contained(self, save_directory: str) -> None:
         pipeline_file = inspect.getfile(type(self))
         pipeline_module = os.path.splitext(os.path.basename(pipeline_file))[0]
-        shutil.copyfile(pipeline_file, os.path.join(save_directory, os.path.basename(pipeline_file)))
+        for code_file in [pipeline_file, *get_relative_import_files(pipeline_file)]:  # diffusers loads these siblings
+            shutil.copyfile(code_file, os.path.join(save_directory, os.path.basename(code_file)))
 
         index_file = os.path.join(save_directory, "model_index.json")
         with open(index_file) as f:

@@ -1,8 +1,10 @@
-"""Which diffusers scheduler fits a MonoFormer model: the default one for its `prediction_type`.
+"""Which diffusers schedulers fit a MonoFormer model: the default one for its `prediction_type`, and the check that
+refuses one that cannot train or sample it.
 
-One home for the rule that the conversion script (the `scheduler/` folder it saves) and the training scripts (a
-checkpoint without a `scheduler/` folder) both apply. diffusers is imported inside the function, so importing this
-module costs nothing.
+One home for rules that several sides apply: the conversion script (the `scheduler/` folder it saves), the training
+scripts (a checkpoint without a `scheduler/` folder), the data collator and the pipeline. The pipeline imports this
+module as a flat sibling, so `save_pretrained` ships it next to `pipeline_monoformer.py`: it imports no other sibling,
+and diffusers only inside `default_noise_scheduler`.
 """
 
 SCHEDULER_PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
@@ -36,4 +38,41 @@ def default_noise_scheduler(prediction_type: str, num_train_timesteps: int = 100
     )
 
 
-__all__ = ["SCHEDULER_PREDICTION_TYPES", "default_noise_scheduler"]
+def check_scheduler_matches(scheduler, prediction_type: str) -> None:
+    """Raise a `ValueError` if a diffusers scheduler cannot sample a model with this `prediction_type`.
+
+    Flow models need a flow-matching scheduler (`FlowMatch*`, or DPM-Solver with `use_flow_sigmas=True` and
+    `prediction_type="flow_prediction"`); epsilon / v models a non-flow one whose `prediction_type` is the model's.
+    The training collator (`add_training_noise`) and the pipeline (`check_inputs`) both apply it.
+    """
+    name = type(scheduler).__name__
+    use_flow_sigmas = bool(getattr(scheduler.config, "use_flow_sigmas", False))
+    is_flow = "FlowMatch" in name or use_flow_sigmas
+    if prediction_type == "flow":
+        if not is_flow:
+            raise ValueError(
+                f"`scheduler` {name} is not a flow-matching scheduler but the model's `prediction_type` is 'flow': use "
+                "FlowMatchEulerDiscreteScheduler (or DPMSolverMultistepScheduler with use_flow_sigmas=True, "
+                "prediction_type='flow_prediction')."
+            )
+        sched_pred = getattr(scheduler.config, "prediction_type", "flow_prediction")
+        if use_flow_sigmas and sched_pred != "flow_prediction":
+            raise ValueError(
+                f"`scheduler.config.prediction_type` is {sched_pred!r} but the model predicts a flow velocity: "
+                "build it with `prediction_type='flow_prediction'`."
+            )
+        return
+    if is_flow:
+        raise ValueError(
+            f"`scheduler` {name} is a flow-matching scheduler but the model's `prediction_type` is "
+            f"{prediction_type!r}: use DDPM, DDIM, DPM-Solver++ or Euler."
+        )
+    sched_pred = getattr(scheduler.config, "prediction_type", prediction_type)
+    if sched_pred != prediction_type:
+        raise ValueError(
+            f"`scheduler.config.prediction_type` is {sched_pred!r} but the model predicts {prediction_type!r}: "
+            f"build it with `Scheduler.from_config(pipe.scheduler.config, prediction_type={prediction_type!r})`."
+        )
+
+
+__all__ = ["SCHEDULER_PREDICTION_TYPES", "check_scheduler_matches", "default_noise_scheduler"]

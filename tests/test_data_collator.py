@@ -81,6 +81,19 @@ def test_default_scheduler_covers_every_prediction_type_of_the_config_and_refuse
         default_noise_scheduler("epsilon", num_train_timesteps=0)
 
 
+def test_collator_and_pipeline_apply_one_scheduler_rule_and_the_collator_needs_no_pipeline():
+    import ast
+    import pathlib
+
+    from modeling_monoformer import data_collator_monoformer, pipeline_monoformer, scheduler_rules_monoformer
+
+    rule = scheduler_rules_monoformer.check_scheduler_matches
+    assert data_collator_monoformer.check_scheduler_matches is rule and pipeline_monoformer.check_scheduler_matches is rule
+    tree = ast.parse(pathlib.Path(data_collator_monoformer.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "pipeline_monoformer" not in imported and "scheduler_rules_monoformer" in imported
+
+
 @pytest.fixture
 def pixel_model_and_processor(llama, tokenizer):
     model = MonoFormerForConditionalGeneration.from_llm(

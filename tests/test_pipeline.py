@@ -464,8 +464,8 @@ def test_saved_folder_is_self_contained(loaded_elsewhere):
     assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
     assert index["guider"] == ["diffusers", "ClassifierFreeGuidance"]
     assert index["default_num_inference_steps"] == 50
-    for path in ["pipeline_monoformer.py", "model/modeling_monoformer.py", "model/configuration_monoformer.py",
-                 "model/model.safetensors", "processor/processing_monoformer.py",
+    for path in ["pipeline_monoformer.py", "scheduler_rules_monoformer.py", "model/modeling_monoformer.py",
+                 "model/configuration_monoformer.py", "model/model.safetensors", "processor/processing_monoformer.py",
                  "processor/image_processing_monoformer.py", "vae/config.json", "scheduler/scheduler_config.json",
                  "guider/guider_config.json"]:
         assert (saved / path).is_file(), path
