@@ -3,8 +3,8 @@
 Runs on a laptop CPU in about a minute, with nothing downloaded:
 - data: scikit-learn's handwritten digits (1,797 real 8x8 images), captioned "a handwritten digit seven", in pixel
   space (no VAE); captioning samples (image first) and text-only samples are mixed in;
-- model: a small Llama built from a config, with a BPE tokenizer trained on the captions, wrapped by
-  `MonoFormerForConditionalGeneration.from_llm`;
+- model: a small Llama built from a config, with a BPE tokenizer trained on the captions (`train_bpe_tokenizer`),
+  wrapped by `MonoFormerForConditionalGeneration.from_llm`;
 - training: `MonoFormerDataCollator` draws noise and timesteps from a diffusers `DDPMScheduler`; one AdamW loop
   trains next-token cross-entropy and diffusion MSE through the same weights, and both losses are printed;
 - then it generates text, saves the model and reloads it with `AutoModel.from_pretrained(trust_remote_code=True)`.
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from sklearn.datasets import load_digits
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from modeling_monoformer import (
     MonoFormerDataCollator,
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    train_bpe_tokenizer,
 )
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -51,17 +51,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tk.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 def main():
     args = parse_args()
     random.seed(args.seed)
@@ -71,7 +60,7 @@ def main():
     images = torch.tensor(digits.images / 16.0 * 2 - 1, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8) in [-1, 1]
     labels = digits.target.tolist()
     captions = [t.format(n) for t in TEMPLATES for n in NAMES]
-    tokenizer = build_tokenizer(captions + TEXTS)
+    tokenizer = train_bpe_tokenizer(captions + TEXTS, vocab_size=400)
 
     llm = LlamaForCausalLM(
         LlamaConfig(

@@ -20,7 +20,7 @@ Data (Debian packages, nothing downloaded from a hub):
     apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb ~/.cache/janeaustenr
     pip install rdata matplotlib                             # the `examples` extra
 
-The tokenizer is a byte-level BPE trained here (`tokenizers`) on the captions and the training text. Noise and
+The tokenizer is a byte-level BPE trained here (`train_bpe_tokenizer`) on the captions and the training text. Noise and
 timesteps come from a diffusers scheduler through `MonoFormerDataCollator` (rectified flow with
 `FlowMatchEulerDiscreteScheduler` by default; `--prediction_type epsilon` uses DDPM for training, DDIM for sampling).
 The saved pipeline samples with DPM-Solver++ on the same flow sigmas (`--sample_scheduler`). Training keeps an EMA of
@@ -72,9 +72,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.guiders import ClassifierFreeGuidance
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 try:
     import modeling_monoformer  # noqa: F401
@@ -89,6 +88,7 @@ from modeling_monoformer import (  # noqa: E402
     MonoFormerProcessor,
     bf16_supported,
     default_noise_scheduler,
+    train_bpe_tokenizer,
 )
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -281,19 +281,6 @@ def export_training_data(out_dir: str, data_dir: str = FASHION_MNIST_DIR, austen
     return result
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `corpus` (deterministic for a given corpus)."""
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 # ---------------------------------------------------------------------------------------------------------- model
 def build_model(args, tokenizer):
     """A Llama from a config (random init), wrapped by `from_llm`; returns `(model, processor, train, sample)`
@@ -474,7 +461,7 @@ def main(argv=None):
         captions += edit_and_interleaved_corpus()
     if args.text_fraction + args.caption_fraction + args.edit_fraction + args.interleaved_fraction > 1:
         raise ValueError("--text_fraction + --caption_fraction + --edit_fraction + --interleaved_fraction must be <= 1.")
-    tokenizer = build_tokenizer(captions * 20 + texts, args.vocab_size)
+    tokenizer = train_bpe_tokenizer(captions * 20 + texts, args.vocab_size)
     model, processor, train_scheduler, sample_scheduler = build_model(args, tokenizer)
     collator = MonoFormerDataCollator(
         processor, train_scheduler, args.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed,

@@ -13,6 +13,7 @@ from .pipeline_monoformer import MonoFormerInterleavedOutput, MonoFormerPipeline
 from .precision_monoformer import bf16_supported, preferred_dtype, resolve_dtype
 from .processing_monoformer import MonoFormerProcessor
 from .scheduler_rules_monoformer import default_noise_scheduler
+from .tokenizer_training_monoformer import train_bpe_tokenizer
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,5 @@ __all__ = [
     "enable_image_experts",
     "freeze_text_weights",
     "merge_image_lora",
+    "train_bpe_tokenizer",
 ]

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from modeling_monoformer import train_bpe_tokenizer
 
 CORPUS = [
     "a photo of a sneaker", "an ankle boot", "a photo of a bag", "a pullover", "a dress", "a coat",
@@ -13,16 +14,7 @@ CORPUS = [
 
 
 def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tk.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
-    )
+    return train_bpe_tokenizer(CORPUS, vocab_size, padding_side="left")
 
 
 def tiny_llama(vocab_size: int = 300, seed: int = 0, **kwargs) -> LlamaForCausalLM:

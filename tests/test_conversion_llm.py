@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -17,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from modeling_monoformer import MonoFormerForConditionalGeneration
+from modeling_monoformer import MonoFormerForConditionalGeneration, train_bpe_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "hello world, the quick brown"]
@@ -35,15 +34,7 @@ convert_llm = load_script("convert_llm_to_monoformer")
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     corpus = ["The capital of France is Paris. ", "hello world, the quick brown fox jumps over the lazy dog"] * 20
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return train_bpe_tokenizer(corpus, vocab_size=300)
 
 
 def save_llm(folder: pathlib.Path, llm, tokenizer) -> pathlib.Path:

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
-from modeling_monoformer import MonoFormerForConditionalGeneration
+from modeling_monoformer import MonoFormerForConditionalGeneration, train_bpe_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HIDDEN, PATCH, IN_CH, IMAGE_SIZE = 64, 2, 4, 64  # latent 8x8 -> a 4x4 patch grid, 16 image tokens
@@ -38,12 +37,7 @@ convert_original = load_script("convert_original_monoformer")
 def original_tokenizer() -> PreTrainedTokenizerFast:
     """A Llama-like tokenizer set up as the original `setup_tokenizer`: pad `<PAD>`, then the three image tokens."""
     corpus = ["Please generate an image of a goldfish.", "an photo of tench.", "a great white shark"] * 20
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=290, special_tokens=["<unk>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = train_bpe_tokenizer(corpus, vocab_size=290, pad_token=None, unk_token="<unk>")
     tok.add_special_tokens({"pad_token": "<PAD>"})
     tok.add_tokens(["<image>", "<|im_start|>", "<|im_end|>"], special_tokens=True)
     return tok

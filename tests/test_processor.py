@@ -10,6 +10,7 @@ from modeling_monoformer import (
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    train_bpe_tokenizer,
 )
 from tests.conftest import make_tokenizer, tiny_llama
 
@@ -119,3 +120,29 @@ def test_image_processor_outputs_grayscale_and_rgb_in_minus_one_one():
     assert gray.shape == (1, 1, 4, 6) and rgb.shape == (1, 3, 4, 6)
     torch.testing.assert_close(gray, torch.ones_like(gray))
     torch.testing.assert_close(rgb, torch.ones_like(rgb))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The BPE tokenizer for models built from scratch
+# ----------------------------------------------------------------------------------------------------------------------
+def test_trained_bpe_tokenizer_is_deterministic_byte_level_with_special_tokens_first():
+    corpus = ["a photo of a sneaker", "an ankle boot", "the quick brown fox"] * 10
+    tok = train_bpe_tokenizer(corpus, vocab_size=280, padding_side="left")
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "<s>", "</s>"]
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token) == (0, 1, 2, None)
+    assert tok.padding_side == "left" and len(tok) == 280
+    assert train_bpe_tokenizer(corpus, vocab_size=280).get_vocab() == tok.get_vocab()
+    assert len(tok("a photo of a sneaker").input_ids) < len("a photo of a sneaker")  # merges were learnt
+    unseen = "naïve 🙂 {x: 1}\n"
+    assert tok.decode(tok(unseen).input_ids) == unseen  # every byte is in the alphabet: nothing is unknown
+
+
+def test_trained_bpe_tokenizer_options_and_bad_input():
+    tok = train_bpe_tokenizer(["hello world"] * 5, vocab_size=270, pad_token=None, unk_token="<unk>")
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"] and tok.pad_token is None
+    with pytest.raises(TypeError, match="`corpus`"):
+        train_bpe_tokenizer("hello world")
+    with pytest.raises(ValueError, match="`vocab_size` must be at least 259"):
+        train_bpe_tokenizer(["hello"], vocab_size=100)
+    with pytest.raises(ValueError, match="`padding_side`"):
+        train_bpe_tokenizer(["hello"], padding_side="middle")
