@@ -24,9 +24,9 @@ The tokenizer is a byte-level BPE trained here (`train_bpe_tokenizer`) on the ca
 timesteps come from a diffusers scheduler through `MonoFormerDataCollator` (rectified flow with
 `FlowMatchEulerDiscreteScheduler` by default; `--prediction_type epsilon` uses DDPM for training, DDIM for sampling).
 The saved pipeline samples with DPM-Solver++ on the same flow sigmas (`--sample_scheduler`). Training keeps an EMA of
-the weights, which is what is sampled and saved. Images are not flipped (`--hflip` is off): every shoe in
-Fashion-MNIST faces left, and a classifier reads a flipped ankle boot as another class (a run with flips lost half of
-its ankle boots and a fifth of its sneakers).
+the weights (diffusers' `EMAModel`), which is what is sampled and saved. Images are not flipped (`--hflip` is off):
+every shoe in Fashion-MNIST faces left, and a classifier reads a flipped ankle boot as another class (a run with flips
+lost half of its ankle boots and a fifth of its sneakers).
 
 Output (`--output_dir`): `samples/step-XXXXX.png` (one row per class, EMA weights), `loss_curve.png`,
 `loss_history.json`, `train_args.json` and `pipeline/`, a self-contained `MonoFormerPipeline` folder that loads with
@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -468,9 +469,12 @@ def main(argv=None):
         caption_max_noise=args.caption_max_noise,
     )
     by_class = [torch.nonzero(labels == c).squeeze(-1).tolist() for c in range(len(CLASS_NAMES))]
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    # diffusers' EMA of the weights (decay warms up as (1 + n) / (10 + n) up to --ema_decay, so early samples are not
+    # the random init); `ema_model` holds a copy of it for sampling and saving while `model` trains.
+    ema = EMAModel(model.parameters(), decay=args.ema_decay)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     sample_pipe = MonoFormerPipeline(
-        model=ema, vae=None, scheduler=sample_scheduler, processor=processor, guider=tuned_guider(args),
+        model=ema_model, vae=None, scheduler=sample_scheduler, processor=processor, guider=tuned_guider(args),
         default_num_inference_steps=args.sample_steps,
     )
     sample_pipe.set_progress_bar_config(disable=True)
@@ -514,6 +518,7 @@ def main(argv=None):
     start = last_sample = time.time()
 
     def write_progress(step: int) -> None:
+        ema.copy_to(ema_model.parameters())
         grid = sample_class_grid(
             sample_pipe, 6, args.sample_steps, args.guidance_scale, args.seed,
             guidance_start=SAMPLER_DEFAULTS["guidance_start"], guidance_stop=SAMPLER_DEFAULTS["guidance_stop"],
@@ -545,10 +550,7 @@ def main(argv=None):
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))  # short warmup so early samples are not pure init
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        ema.step(model.parameters())
         step += 1
         history.append({
             "step": step, "time": round(time.time() - start, 2), "lr": optimizer.param_groups[0]["lr"],
@@ -577,9 +579,10 @@ def main(argv=None):
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
 
-    ema.to(getattr(torch, args.save_dtype))
+    ema.copy_to(ema_model.parameters())
+    ema_model.to(getattr(torch, args.save_dtype))
     pipe = MonoFormerPipeline(
-        model=ema, vae=None, scheduler=sample_scheduler, processor=processor, guider=tuned_guider(args),
+        model=ema_model, vae=None, scheduler=sample_scheduler, processor=processor, guider=tuned_guider(args),
         default_num_inference_steps=args.sample_steps,
     )
     pipe.save_pretrained(os.path.join(args.output_dir, "pipeline"))

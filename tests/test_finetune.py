@@ -225,7 +225,8 @@ def test_lora_adapter_and_merged_round_trips(assets, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_resume_gives_the_same_weights_as_a_straight_run(assets, tmp_path):
     common = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
-              "--text_data_file", str(write_text_file(tmp_path)), "--text_ratio", "0.2", "--caption_ratio", "0.25"]
+              "--text_data_file", str(write_text_file(tmp_path)), "--text_ratio", "0.2", "--caption_ratio", "0.25",
+              "--use_ema", "--ema_decay", "0.9"]
     straight = train.main(script_args(assets, tmp_path / "straight", *common, steps=6))
     train.main(script_args(assets, tmp_path / "split", *common, steps=3))
     assert sorted(os.listdir(tmp_path / "split"))[:1] == ["checkpoint-3"]
@@ -244,6 +245,19 @@ def test_resume_gives_the_same_weights_as_a_straight_run(assets, tmp_path):
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.allclose(opt_a[k][name], opt_b[k][name], atol=1e-6, rtol=1e-5)
     assert [h["loss"] for h in straight["history"]] == pytest.approx([h["loss"] for h in resumed["history"]], abs=1e-5)
+    # diffusers' EMAModel is checkpointed with the run (accelerate's custom state) and resumed, not restarted
+    ema_a, ema_b = (torch.load(tmp_path / run / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=True)
+                    for run in ("straight", "split"))
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 6
+    assert len(ema_a["shadow_params"]) == len(ema_b["shadow_params"]) > 0
+    for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    # the saved pipeline holds the EMA weights, not the last training weights
+    names = [n for n, _ in MonoFormerForConditionalGeneration.from_pretrained(assets["pixel"]).named_parameters()]
+    saved = load_file(tmp_path / "split" / "pipeline" / "model" / "model.safetensors")
+    assert len(names) == len(ema_b["shadow_params"])
+    assert all(torch.equal(saved[n], x) for n, x in zip(names, ema_b["shadow_params"]))
+    assert max((saved[n] - b[n]).abs().max().item() for n in names) > 1e-4
 
 
 def write_text_file(folder: pathlib.Path) -> pathlib.Path:
