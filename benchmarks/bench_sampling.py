@@ -14,7 +14,6 @@ Both paths are interleaved; each number is the minimum over `--rounds` runs.
 
 import argparse
 import os
-import time
 
 import torch
 from diffusers import DDIMScheduler
@@ -27,6 +26,7 @@ from modeling_monoformer import (
     MonoFormerPipeline,
     MonoFormerProcessor,
 )
+from timing import interleaved
 
 WORDS = [f"w{i}" for i in range(500)]
 
@@ -55,19 +55,6 @@ def build_pipeline(image_size: int) -> MonoFormerPipeline:
     pipe = MonoFormerPipeline(model=model, vae=None, scheduler=DDIMScheduler(), processor=processor)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def interleaved_min(fns: dict, rounds: int) -> dict:
-    """Warm each callable once, then run them in turn `rounds` times; the minimum per callable (noisy shared CPUs)."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main():
@@ -104,9 +91,10 @@ def main():
                 ).images
 
             with torch.inference_mode():
-                times = interleaved_min(
-                    {"naive": lambda: run(False, "naive"), "cached": lambda: run(True, "cached")}, args.rounds
+                timed = interleaved(
+                    {"naive": lambda: run(False, "naive"), "cached": lambda: run(True, "cached")}, args.rounds, warmup=1
                 )
+            times = {name: best for name, (best, _median) in timed.items()}
             ids, _, _ = pipe.encode_prompt(prompt, None, 1, False, args.image_size, args.image_size, "cpu")
             assert ids.shape[1] - n_image == prompt_len, "prompt length is off"
             diff = (outs["naive"] - outs["cached"]).abs().max().item()
