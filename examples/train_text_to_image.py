@@ -57,10 +57,12 @@ from modeling_monoformer import (  # noqa: E402
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    add_lora,
     default_noise_scheduler,
     enable_image_experts,
     freeze_text_weights,
 )
+from modeling_monoformer.lora_monoformer import DEFAULT_LORA_TARGET_MODULES  # noqa: E402
 from modeling_monoformer.training_data_monoformer import (  # noqa: E402
     MonoFormerTrainingDataset,
     encode_images,
@@ -70,7 +72,6 @@ from modeling_monoformer.training_data_monoformer import (  # noqa: E402
 
 logger = get_logger(__name__, log_level="INFO")
 
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_RE = re.compile(r"^(checkpoint-\d+|pipeline|adapter)\.(tmp|delete)$")
 OPTIMISATION_FLAGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
@@ -135,7 +136,7 @@ def parse_args(argv=None):
     g.add_argument("--lora_rank", type=int, default=0, help="0: full fine-tune; > 0: LoRA of this rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: equal to --lora_rank.")
     g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS,
+    g.add_argument("--lora_target_modules", default=",".join(DEFAULT_LORA_TARGET_MODULES),
                    help="Comma-separated module names inside the LLM (e.g. add gate_proj,up_proj,down_proj).")
 
     g = parser.add_argument_group("image experts (text weights frozen; exclusive with --lora_rank)")
@@ -181,7 +182,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Building blocks (also used by the tests)
+# Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
 def load_scheduler(folder):
     import diffusers
@@ -232,46 +233,6 @@ def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image
             "pass `--vae` (the AutoencoderKL it was trained with)."
         )
     return model, processor, scheduler, vae
-
-
-def head_module_names(config) -> list[str]:
-    """The image-path modules a LoRA run trains fully (PEFT `modules_to_save`)."""
-    names = ["x_embedder", "t_embedder", "final_layer"]
-    if config.patch_embedder == "unet":  # the U-Net up blocks; its down blocks are `x_embedder`
-        names.append("patch_decoder")
-    names.append({"adaln": "t_modulation", "token": "t_projector"}.get(config.timestep_conditioning, None))
-    return [n for n in names if n is not None]
-
-
-def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0, target_modules=DEFAULT_LORA_TARGETS):
-    """Wrap `model` with PEFT LoRA (peft 0.21: `get_peft_model`, not `model.add_adapter`).
-
-    - LoRA on the LLM's `target_modules`;
-    - the new image heads in `modules_to_save` (trained fully, saved with the adapter);
-    - the rows of `<boi>` and `<eoi>` in `trainable_token_indices` (input embeddings, and the untied `lm_head`): they
-      are the only new tokens the model reads (`<boi>` ends every text -> image prompt) or predicts (`<boi>` starts an
-      image), and they start as the mean of all rows. `<image>` placeholders are replaced by patch embeddings and
-      never a target, so its row stays frozen. Training just these rows keeps the adapter small; putting the whole
-      `embed_tokens`/`lm_head` in `modules_to_save` would copy the full vocabulary matrices into it.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = model.config
-    if isinstance(target_modules, str):
-        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    token_ids = [config.boi_token_id, config.eoi_token_id]
-    trainable_tokens = {"embed_tokens": token_ids}
-    if not config.tie_word_embeddings:
-        trainable_tokens["lm_head"] = token_ids
-    lora_config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        modules_to_save=head_module_names(config),
-        trainable_token_indices=trainable_tokens,
-    )
-    return get_peft_model(model, lora_config)
 
 
 def training_method(args, config) -> str:

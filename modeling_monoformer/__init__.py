@@ -4,6 +4,7 @@ from .configuration_monoformer import MonoFormerConfig
 from .data_collator_monoformer import MonoFormerDataCollator, add_training_noise
 from .image_experts_monoformer import enable_image_experts, freeze_text_weights, merge_image_lora
 from .image_processing_monoformer import MonoFormerImageProcessor
+from .lora_monoformer import add_lora, build_lora_config
 from .modeling_monoformer import (
     MonoFormerForConditionalGeneration,
     MonoFormerModel,
@@ -35,5 +36,7 @@ __all__ = [
     "enable_image_experts",
     "freeze_text_weights",
     "merge_image_lora",
+    "add_lora",
+    "build_lora_config",
     "train_bpe_tokenizer",
 ]

@@ -21,6 +21,8 @@ from modeling_monoformer import (
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    add_lora,
+    build_lora_config,
     default_noise_scheduler,
 )
 from modeling_monoformer.training_data_monoformer import (
@@ -174,6 +176,31 @@ def test_trainer_trains_unchanged_and_loss_falls(assets, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # LoRA: adapter and merged round trips
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("conditioning", "patch_embedder", "tied"), [("adaln", "linear", False),
+                                                                      ("token", "unet", True), ("add", "linear", True)])
+def test_lora_config_adapts_the_llm_and_trains_the_image_heads_and_boi_eoi_rows(conditioning, patch_embedder, tied):
+    tok = make_tokenizer()
+    extra = dict(patch_size=4, unet_block_channels=[8, 16]) if patch_embedder == "unet" else {}
+    model = MonoFormerForConditionalGeneration.from_llm(
+        tiny_llama(vocab_size=len(tok), tie_word_embeddings=tied), tokenizer=tok, latent_channels=1,
+        timestep_conditioning=conditioning, patch_embedder=patch_embedder, **extra,
+    )
+    cfg = model.config
+    lora = build_lora_config(cfg, rank=4, target_modules="q_proj, v_proj")
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (4, 4, {"q_proj", "v_proj"})
+    heads = {"x_embedder", "t_embedder", "final_layer"} | {"adaln": {"t_modulation"}, "token": {"t_projector"}}.get(
+        conditioning, set()) | ({"patch_decoder"} if patch_embedder == "unet" else set())
+    assert set(lora.modules_to_save) == heads
+    rows = [cfg.boi_token_id, cfg.eoi_token_id]
+    assert lora.trainable_token_indices == ({"embed_tokens": rows} if tied else {"embed_tokens": rows, "lm_head": rows})
+    module_names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    assert heads <= module_names  # every named head exists in the model
+    for bad, match in (({"rank": 0}, "`rank`"), ({"rank": 4, "dropout": 1.0}, "`dropout`"),
+                       ({"rank": 4, "target_modules": " , "}, "`target_modules`")):
+        with pytest.raises(ValueError, match=match):
+            build_lora_config(cfg, **bad)
+
+
 def test_lora_adapter_and_merged_round_trips(assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModel
@@ -182,7 +209,7 @@ def test_lora_adapter_and_merged_round_trips(assets, tmp_path):
     model = MonoFormerForConditionalGeneration.from_pretrained(base_dir)
     processor = MonoFormerProcessor.from_pretrained(base_dir).configure_for_model(model.config)
     torch.manual_seed(0)
-    peft_model = train.add_lora(model, rank=4, alpha=8)
+    peft_model = add_lora(model, rank=4, alpha=8)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("final_layer" in n for n in trainable)
     assert any("trainable_tokens_delta" in n for n in trainable)

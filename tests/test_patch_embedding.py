@@ -1,8 +1,5 @@
 """U-Net patch path (`patch_embedder="unet"`): shapes, placeholder counts, prefix cache, training signal, round trips."""
 
-import os
-import sys
-
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -12,6 +9,7 @@ from modeling_monoformer import (
     MonoFormerForConditionalGeneration,
     MonoFormerImageProcessor,
     MonoFormerProcessor,
+    add_lora,
     add_training_noise,
 )
 from tests.conftest import make_tokenizer, tiny_llama
@@ -156,11 +154,8 @@ def test_unet_save_and_load_in_fresh_process_without_package(tmp_path):
 
 
 def test_lora_trains_the_unet_blocks_fully():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-    import train_text_to_image as train
-
     model = unet(patch_size=4, channels=(8, 16))
-    peft_model = train.add_lora(model, rank=2)
+    peft_model = add_lora(model, rank=2)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     for module in ("x_embedder.modules_to_save", "patch_decoder.modules_to_save", "final_layer.modules_to_save"):
         assert any(module in n and "resnets" in n or module in n and "final_layer" in module for n in trainable), module
