@@ -41,10 +41,11 @@ def train_bpe_tokenizer(
 
     special_tokens = [t for t in (pad_token, unk_token, bos_token, eos_token) if t is not None]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(special_tokens):
+    smallest = len(alphabet) + len(special_tokens)
+    if vocab_size < smallest:
         raise ValueError(
-            f"`vocab_size` must be at least {len(alphabet) + len(special_tokens)} (the {len(alphabet)} byte symbols and "
-            f"{len(special_tokens)} special tokens), got {vocab_size}."
+            f"`vocab_size` must be at least {smallest} (the {len(alphabet)} byte symbols and {len(special_tokens)} "
+            f"special tokens), got {vocab_size}."
         )
     backend = Tokenizer(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
