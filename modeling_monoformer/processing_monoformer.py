@@ -3,8 +3,9 @@
 import os
 
 import torch
-from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.processing_utils import ProcessingKwargs, Unpack
 
 from .image_processing_monoformer import MonoFormerImageProcessor, MonoFormerImagesKwargs
@@ -223,6 +224,10 @@ class MonoFormerProcessor(ProcessorMixin):
         # up front: `AutoTokenizer` would otherwise resolve the model's config.json (its `auto_map`) and stop at
         # transformers' interactive prompt. A caller's True or False is passed on unchanged.
         kwargs.setdefault("trust_remote_code", False)
+        if "config" not in kwargs and kwargs["trust_remote_code"] is not True:
+            config = _config_without_remote_code(pretrained_model_name_or_path, subfolder, kwargs)
+            if config is not None:
+                kwargs["config"] = config
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 
@@ -234,6 +239,27 @@ class MonoFormerProcessor(ProcessorMixin):
         if processor_dict.get("auto_map") is not None:
             processor.auto_map = processor_dict["auto_map"]
         return loaded
+
+
+def _config_without_remote_code(pretrained_model_name_or_path, subfolder: str, kwargs: dict):
+    """The folder's config.json as the base `PreTrainedConfig` when transformers has no class for its `model_type`
+    (a converted MonoFormer folder: `MonoFormerConfig` is remote code), else None.
+
+    `AutoTokenizer` reads the model's config for hints (`tokenizer_class`, `model_type`). For a type it can only build
+    with remote code, refused, it falls back to `PreTrainedConfig.from_pretrained`, which warns "You are using a model
+    of type `monoformer` to instantiate a model of type ``". Passing the same base config it would build, read with
+    `from_dict`, picks the same tokenizer without the misleading warning.
+    """
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(
+            pretrained_model_name_or_path, **{**kwargs, "subfolder": subfolder}
+        )
+    except OSError:  # no config.json: AutoTokenizer goes by tokenizer_config.json alone
+        return None
+    model_type = config_dict.get("model_type")
+    if not model_type or model_type in CONFIG_MAPPING:
+        return None
+    return PreTrainedConfig.from_dict(config_dict)
 
 
 MonoFormerProcessor.register_for_auto_class("AutoProcessor")

@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import logging
 import pathlib
 import time
 
 import pytest
 import torch
 from transformers import (
+    AutoProcessor,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -15,8 +17,10 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.testing_utils import CaptureLogger, LoggingLevel
+from transformers.utils import logging as transformers_logging
 
-from modeling_monoformer import MonoFormerForConditionalGeneration, train_bpe_tokenizer
+from modeling_monoformer import MonoFormerForConditionalGeneration, MonoFormerProcessor, train_bpe_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "hello world, the quick brown"]
@@ -128,6 +132,23 @@ def test_qwen2_tied_conversion_keeps_greedy_generation(tiny_qwen2_tied, tmp_path
     assert torch.equal(model.get_input_embeddings().weight[:300], llm.get_input_embeddings().weight[:300])
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_loading_a_converted_folder_prints_no_model_type_warning(tiny_llama, tmp_path):
+    """A converted folder holds the model and the processor side by side. Loading the processor's tokenizer there made
+    transformers read the MonoFormer config.json with its base config class and warn "You are using a model of type
+    `monoformer` to instantiate a model of type ``"."""
+    out = tmp_path / "out"
+    convert_llm.main(["--llm", str(tiny_llama), "--out", str(out)])
+    with LoggingLevel(logging.WARNING), CaptureLogger(transformers_logging.get_logger("transformers")) as captured:
+        MonoFormerForConditionalGeneration.from_pretrained(out)
+        processors = [MonoFormerProcessor.from_pretrained(out),
+                      AutoProcessor.from_pretrained(out, trust_remote_code=True)]
+    assert "to instantiate a model of type" not in captured.out, captured.out
+    saved = PreTrainedTokenizerFast.from_pretrained(out)
+    for processor in processors:  # the tokenizer saved by the conversion, as before
+        assert processor.tokenizer.get_vocab() == saved.get_vocab()
+        assert processor.tokenizer("The capital of France is").input_ids == saved("The capital of France is").input_ids
 
 
 def test_help_documents_every_option(capsys):
