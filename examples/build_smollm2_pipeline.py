@@ -116,6 +116,8 @@ def export(run_pipeline: str, ship_dir: str, ship_dtype: str) -> dict:
     model.config.to_json_file(tmp / "model" / "config.json")
     model.generation_config.to_json_file(tmp / "model" / "generation_config.json")
     MonoFormerProcessor.from_pretrained(os.path.join(run_pipeline, "processor")).save_pretrained(tmp / "processor")
+    for code in (tmp / "processor").glob("*.py"):  # the build takes the code from the installed package
+        code.unlink()
     for part in ("scheduler", "guider"):
         (tmp / part).mkdir()
         for f in os.listdir(os.path.join(run_pipeline, part)):

@@ -87,6 +87,7 @@ def test_export_ships_only_the_image_weights_and_build_restores_the_model(traine
     assert names == set(trained["trainable"])  # the LoRA factors and the image heads, no LLM tensor
     assert all("image_lora_" in n or not n.startswith("model.language_model.") for n in names)
     assert not any(n.startswith("lm_head") or "embed_tokens" in n for n in names)
+    assert not list(ship.rglob("*.py"))  # no copy of the package code to keep equal by hand
 
     built = tmp_path / "built"
     build_script.build(str(built), str(ship), llm=str(trained["llm"]))
