@@ -113,6 +113,7 @@ def export(run_pipeline: str, ship_dir: str, ship_dtype: str) -> dict:
     meta = {"base_fingerprint": fingerprint(frozen), "num_frozen_tensors": str(len(frozen)), "dtype": ship_dtype}
     save_file({k: v.detach().to(dtype).contiguous() for k, v in shipped.items()}, tmp / "model" / WEIGHTS_FILE,
               metadata=meta)
+    model.config.text_config._name_or_path = ""  # where the LLM sat on the training machine is nobody's business
     model.config.to_json_file(tmp / "model" / "config.json")
     model.generation_config.to_json_file(tmp / "model" / "generation_config.json")
     MonoFormerProcessor.from_pretrained(os.path.join(run_pipeline, "processor")).save_pretrained(tmp / "processor")
