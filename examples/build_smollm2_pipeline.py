@@ -35,6 +35,7 @@ import sys
 import tempfile
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -172,9 +173,8 @@ def build(out: str, ship_dir: str = str(SHIP_DIR), llm: str | None = None, work_
                          "image weights were trained on.")
 
     weights_path = ship / "model" / WEIGHTS_FILE
-    with open(weights_path, "rb") as f:  # safetensors metadata: the header's "__metadata__"
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    meta = header.get("__metadata__", {})
+    with safe_open(weights_path, "pt") as f:
+        meta = f.metadata() or {}
     image_weights = load_file(weights_path)
     expected, frozen = split_weights(model)
     found = fingerprint(frozen)
