@@ -90,6 +90,9 @@ def parse_args(argv=None):
                    help="A MonoFormer checkpoint folder (model + processor [+ scheduler/], e.g. from "
                         "conversion/convert_llm_to_monoformer.py) or a saved MonoFormerPipeline folder.")
     g.add_argument("--vae", default=None, help="AutoencoderKL folder, for latent models whose folder has no vae/.")
+    g.add_argument("--attn_implementation", default=None, choices=["eager", "sdpa", "flex_attention"],
+                   help="Attention kernel passed to from_pretrained (default: transformers' choice, sdpa). On CPU "
+                        "with short sequences 'eager' may be faster; measure it for your setup.")
 
     g = parser.add_argument_group("data")
     g.add_argument("--train_data_dir", default=None, help="A datasets imagefolder with a metadata.jsonl of captions.")
@@ -192,7 +195,8 @@ def load_scheduler(folder):
     return getattr(diffusers, class_name).from_pretrained(folder)
 
 
-def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image_lora_alpha=16.0):
+def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image_lora_alpha=16.0,
+              attn_implementation=None):
     """Model (float32), processor, noise scheduler and VAE (or None) from a checkpoint or a pipeline folder.
 
     `image_experts` ("full" / "lora") gives a checkpoint saved without image experts its image weights, copied from
@@ -202,7 +206,9 @@ def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image
         raise ValueError(f"`--pretrained_model_name_or_path` {path!r} is not a folder.")
     is_pipeline = os.path.isfile(os.path.join(path, "model_index.json"))
     model_dir = os.path.join(path, "model") if is_pipeline else path
-    model = MonoFormerForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model = MonoFormerForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation=attn_implementation
+    )
     if image_experts and model.config.image_experts == "none":
         enable_image_experts(model, image_experts, image_lora_rank, image_lora_alpha)
     elif image_experts and model.config.image_experts != image_experts:
@@ -536,7 +542,8 @@ def main(argv=None):
 
     # ---- model, processor, scheduler, VAE
     model, processor, noise_scheduler, vae = load_base(
-        args.pretrained_model_name_or_path, args.vae, args.image_experts, args.image_lora_rank, args.image_lora_alpha
+        args.pretrained_model_name_or_path, args.vae, args.image_experts, args.image_lora_rank, args.image_lora_alpha,
+        args.attn_implementation,
     )
     config = model.config
     if config.image_experts != "none" and args.lora_rank:
@@ -767,7 +774,7 @@ def main(argv=None):
         skip_batches = 0
         for batch in batches:
             with accelerator.accumulate(model):
-                out = model(**batch)
+                out = model(**batch, logits_to_keep=1)  # the loss needs no logits tensor over every position
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

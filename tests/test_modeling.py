@@ -382,3 +382,20 @@ def test_sliding_window_layers_keep_their_window_with_images(family):
     with torch.no_grad():
         c = model(input_ids=ids, latents=lat2, timesteps=t).diffusion_output
     assert (a[..., :2, :2] - c[..., :2, :2]).abs().max() > 1e-4  # still bidirectional inside the image
+
+
+def test_row_sliced_lm_loss_equals_full_logits_cross_entropy(llama):
+    """The LM loss runs the head only on target rows; it must equal transformers' loss on full logits."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    torch.manual_seed(0)
+    model = wrap(llama, latent_channels=1, patch_size=2)
+    cfg = model.config
+    ids = torch.tensor([image_row(cfg, [5, 6, 7], 4, 4, suffix=[9, 10, 2]), image_row(cfg, [12, 13, 14], 4, 4, suffix=[16, 17, 2])])
+    latents, t = torch.randn(2, 1, 4, 4), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        logits = model(input_ids=ids, latents=latents, timesteps=t).logits.float()
+        reference_labels = ids.masked_fill(ids == cfg.image_token_id, -100)
+        expected = ForCausalLMLoss(logits, reference_labels, vocab_size=logits.shape[-1])
+        got = model(input_ids=ids, latents=latents, timesteps=t, labels=ids).lm_loss
+    torch.testing.assert_close(got, expected)
