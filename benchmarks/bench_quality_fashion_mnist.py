@@ -199,7 +199,7 @@ def sample_ours(pipe, per_class: int, steps: int, guidance: float, interval=(0.0
                     guidance_scale=guidance, generator=torch.Generator().manual_seed(1000 * c + start),
                     output_type="pt", **interval_kw,
                 ).images  # (n, 1, 28, 28) in [0, 1]
-                images.append(out.float() * 2 - 1)
+                images.append(out.float().cpu() * 2 - 1)
                 labels += [c] * n
     seconds = time.time() - t0
     nfe = rows[0] / len(labels)
@@ -212,7 +212,8 @@ def caption_accuracy(model, processor, test, n: int) -> float:
     for i in range(0, n, 100):
         images, labels = test[0][i : min(n, i + 100)], test[1][i : min(n, i + 100)]
         inputs = processor(text=["<image>"] * len(images), image_sizes=[[(28, 28)]] * len(images), padding_side="left")
-        out = model.generate(**inputs, latents=images.to(model.dtype), max_new_tokens=10, do_sample=False)
+        inputs = inputs.to(model.device)
+        out = model.generate(**inputs, latents=images.to(model.device, model.dtype), max_new_tokens=10, do_sample=False)
         captions = processor.post_process_image_text_to_text(out[:, inputs["input_ids"].shape[1] :])
         correct += sum(caption_class(c) == int(y) for c, y in zip(captions, labels))
     return correct / n
@@ -337,8 +338,9 @@ def print_image_table(results: dict, scorer: Scorer) -> None:
         print(f"{SHORT_NAMES[c]:<{width}} {cells}   {scorer.real_diversity[c]:8.2f}")
 
 
-def sweep(pipe, scorer: Scorer, args) -> None:
-    """One row per (scheduler, steps, guidance, interval): the sampler-settings table (NFE measured)."""
+def sweep(pipe, scorer: Scorer, args) -> list[dict]:
+    """One row per (scheduler, steps, guidance, interval): the sampler-settings table (NFE measured); returns the rows."""
+    rows = []
     print(f"\n| scheduler | steps | guidance | guided steps | NFE/image | class acc | weakest class | "
           f"FD (floor {scorer.fd_floor:.2f}) | diversity | s/image |\n|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
@@ -354,6 +356,11 @@ def sweep(pipe, scorer: Scorer, args) -> None:
                     print(f"| {name} | {steps} | {guidance:g} | {start:g}-{stop:g} | {ours['nfe']:g} | "
                           f"{r['class_acc']:.3f} | {SHORT_NAMES[weakest]} {r['per_class_acc'][weakest]:.2f} | "
                           f"{r['fd']:.2f} | {np.mean(r['diversity']):.2f} | {ours['s_per_image']:.3f} |", flush=True)
+                    rows.append({"scheduler": name, "steps": steps, "guidance_scale": guidance, "guidance_start": start,
+                                 "guidance_stop": stop, "nfe": ours["nfe"], "class_acc": r["class_acc"],
+                                 "per_class_acc": r["per_class_acc"], "fd": r["fd"], "fd_floor": scorer.fd_floor,
+                                 "diversity": float(np.mean(r["diversity"])), "s_per_image": ours["s_per_image"]})
+    return rows
 
 
 def train_ours(minutes: float, seed: int, out_dir: str) -> dict:
@@ -395,6 +402,8 @@ def main():
     parser.add_argument("--sweep_guidance", nargs="+", type=float, default=[2.0, 3.0, 4.0])
     parser.add_argument("--sweep_intervals", nargs="+", default=["0-1"],
                         help="guided fraction of the steps as START-STOP, e.g. 0-1 (always), 0-0.5 (first half)")
+    parser.add_argument("--sweep_json", default=None, help="write the sweep's rows here")
+    parser.add_argument("--device", default="cpu", help="where the pipeline samples (e.g. cuda); scoring stays on CPU")
     parser.add_argument("--guidance_start", type=float, default=None)
     parser.add_argument("--guidance_stop", type=float, default=None)
     group = parser.add_argument_group("head-to-head with transfusion-pytorch")
@@ -469,10 +478,12 @@ def main():
               f"(target >= 0.95), NFE {a['nfe']} vs {b['nfe']:g}, s/image {a['s_per_image'] / b['s_per_image']:.3f}x")
         return
 
-    pipe = DiffusionPipeline.from_pretrained(args.checkpoint, trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(args.checkpoint, trust_remote_code=True).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.sweep:
-        sweep(pipe, scorer, args)
+        rows = sweep(pipe, scorer, args)
+        if args.sweep_json:
+            pathlib.Path(args.sweep_json).write_text(json.dumps(rows, indent=2))
         return
     set_scheduler(pipe, scheduler)
     for dtype in args.dtypes:  # the same seeds at each dtype

@@ -80,7 +80,7 @@ def sample(pipe, prompts: list[str], labels: list[int], per_prompt: int, seed: i
     for i, (prompt, label) in enumerate(zip(prompts, labels)):
         out = pipe(prompt, num_images_per_prompt=per_prompt, generator=torch.Generator().manual_seed(seed + 1000 * i),
                    output_type="pt").images  # (n, 1, 28, 28) in [0, 1]
-        images.append(out.float() * 2 - 1)
+        images.append(out.float().cpu() * 2 - 1)
         targets += [label] * per_prompt
     seconds = time.perf_counter() - t0
     return {"images": torch.cat(images), "labels": torch.tensor(targets), "s_per_image": seconds / len(targets)}
@@ -146,13 +146,15 @@ def main():
     parser.add_argument("--grid", default=None, help="write a 10-row sample grid (one row per class) here")
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the pipelines run (e.g. cuda); scoring stays on CPU. "
+                        "Measure text on CPU: GPU kernels may differ between the two models' attention paths")
     parser.add_argument("--skip", nargs="*", default=[], choices=["text", "images", "paraphrase", "captions"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     results = {"threads": torch.get_num_threads()}
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline).to(args.device)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     scorer = Scorer(train, test)
 
@@ -194,7 +196,7 @@ def main():
         labels = [c for c, phrases in enumerate(PARAPHRASES) for _ in phrases]
         models = {"smollm2": pipe}
         if args.demo:
-            models["demo"] = load_pipeline(args.demo)
+            models["demo"] = load_pipeline(args.demo).to(args.device)
         results["paraphrase"] = {}
         for key, p in models.items():
             res = sample(p, prompts, labels, args.per_paraphrase, seed=7)

@@ -164,6 +164,8 @@ def build(out: str, ship_dir: str = str(SHIP_DIR), llm: str | None = None, work_
     with open(ship / "model" / "config.json") as f:
         shipped_config = json.load(f)
     llm = llm or find_smollm2_gguf()
+    if work_dir is not None:
+        os.makedirs(work_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         convert_llm(llm, shipped_config, os.path.join(tmp, "base"))
         model = MonoFormerForConditionalGeneration.from_pretrained(os.path.join(tmp, "base"), dtype=torch.float32)

@@ -118,6 +118,10 @@ def parse_args(argv=None):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
     g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_minutes", type=float, default=None,
+                   help="Also stop after this much training time (this run's wall-clock, checked every step): a "
+                        "checkpoint and the pipeline are written as at the step limit. The LR schedule still spans "
+                        "the step limit, so pair it with a constant schedule (and --use_ema) for a time-boxed run.")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--lr_scheduler", default="constant",
                    help='"constant", "constant_with_warmup", "linear", "cosine", ... (diffusers get_scheduler).')
@@ -765,6 +769,14 @@ def main(argv=None):
     nan = torch.tensor(float("nan"), device=accelerator.device)
     running = torch.zeros(3, device=accelerator.device)
     train_start, steps_this_run = time.time(), 0
+
+    def time_is_up() -> bool:
+        """The same answer on every process (the main process's clock decides)."""
+        if args.max_train_minutes is None:
+            return False
+        flag = torch.tensor(float(time.time() - train_start >= 60 * args.max_train_minutes), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="max").item())
+
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
@@ -810,6 +822,14 @@ def main(argv=None):
                 write_samples_and_curve(global_step)
             if global_step >= max_train_steps:
                 break
+            if time_is_up():
+                logger.info(f"--max_train_minutes {args.max_train_minutes} reached at step {global_step}.")
+                if not (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
+                    save_checkpoint(global_step)  # resumable from exactly here
+                break
+        else:
+            continue
+        break  # the inner loop stopped on a limit
     progress.close()
     train_seconds = time.time() - train_start
 

@@ -302,6 +302,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_time_budget_stops_with_a_checkpoint_and_a_pipeline_and_resumes(assets, tmp_path):
+    out = tmp_path / "timed"
+    first = train.main(script_args(assets, out, "--max_train_minutes", "0", steps=50))
+    assert first["global_step"] == 1  # a zero budget is spent after the first step, not before it
+    assert (out / "checkpoint-1").is_dir() and (out / "pipeline" / "model_index.json").is_file()
+    resumed = train.main(script_args(assets, out, "--resume_from_checkpoint", "latest", steps=3))
+    assert resumed["global_step"] == 3
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path):
     # Every caption the same length: each process's LM token mean then equals the global one, so the two runs are
     # the same computation (DDP averages the gradients of equal halves) up to float summation order.
