@@ -315,6 +315,27 @@ def build_model(args, tokenizer):
     return model, processor, train_scheduler, sample_scheduler
 
 
+MODEL_ARGS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "patch_size", "patch_embedder",
+              "unet_block_channels", "timestep_conditioning", "prediction_type")
+
+
+def load_init_checkpoint(args) -> tuple:
+    """`--init_from`: the checkpoint's tokenizer and state dict; its model settings are copied into `args` (so
+    `build_model` rebuilds the same architecture, and `train_args.json` records what was trained)."""
+    folder = pathlib.Path(args.init_from)
+    settings_file = folder / "train_args.json"
+    if not settings_file.is_file():
+        raise ValueError(f"`--init_from` {str(folder)!r} has no train_args.json: give a folder this script wrote "
+                         "(its output_dir, or a copy such as examples/monoformer-fashion-mnist).")
+    saved = json.loads(settings_file.read_text())
+    for name in MODEL_ARGS:
+        if name in saved:
+            setattr(args, name, saved[name])
+    root = folder / "pipeline" if (folder / "pipeline" / "model_index.json").is_file() else folder
+    pipe = MonoFormerPipeline.from_pretrained(root)
+    return pipe.processor.tokenizer, pipe.model.state_dict()
+
+
 def class_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:
     """`(rows * cols, H, W)` in [0, 1] -> one uint8 grid image with `pad` pixels of gray between cells."""
     h, w = images.shape[1:3]
@@ -404,6 +425,11 @@ def parse_args(argv=None):
     group.add_argument("--hflip", action="store_true",
                        help="random horizontal flips (off: Fashion-MNIST's shoes all face left, and flipped ones are "
                             "read as another class; flips cost 0.4 class accuracy on footwear)")
+    group.add_argument("--init_from", default=None, metavar="CHECKPOINT",
+                       help="continue from a checkpoint folder this script wrote (e.g. examples/monoformer-fashion-mnist:"
+                            " teach the shipped demo editing and interleaving): its weights, tokenizer and model "
+                            "settings (from its train_args.json) replace the random init; optimiser and EMA start "
+                            "fresh")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget")
     group.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (reproducible)")
@@ -448,8 +474,6 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-    with open(os.path.join(args.output_dir, "train_args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
 
     images, labels = load_fashion_mnist("train", args.data_dir)
     if args.subset:
@@ -462,8 +486,15 @@ def main(argv=None):
         captions += edit_and_interleaved_corpus()
     if args.text_fraction + args.caption_fraction + args.edit_fraction + args.interleaved_fraction > 1:
         raise ValueError("--text_fraction + --caption_fraction + --edit_fraction + --interleaved_fraction must be <= 1.")
-    tokenizer = train_bpe_tokenizer(captions * 20 + texts, args.vocab_size)
+    if args.init_from:
+        tokenizer, weights = load_init_checkpoint(args)
+    else:
+        tokenizer = train_bpe_tokenizer(captions * 20 + texts, args.vocab_size)
     model, processor, train_scheduler, sample_scheduler = build_model(args, tokenizer)
+    if args.init_from:
+        model.load_state_dict(weights, strict=True)
+    with open(os.path.join(args.output_dir, "train_args.json"), "w") as f:  # after --init_from set the model's fields
+        json.dump(vars(args), f, indent=2)
     collator = MonoFormerDataCollator(
         processor, train_scheduler, args.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed,
         caption_max_noise=args.caption_max_noise,

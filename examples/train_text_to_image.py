@@ -63,6 +63,7 @@ from modeling_monoformer import (  # noqa: E402
     freeze_text_weights,
 )
 from modeling_monoformer.lora_monoformer import DEFAULT_LORA_TARGET_MODULES  # noqa: E402
+from modeling_monoformer.precision_monoformer import bf16_supported  # noqa: E402
 from modeling_monoformer.training_data_monoformer import (  # noqa: E402
     MonoFormerTrainingDataset,
     encode_images,
@@ -535,6 +536,12 @@ def main(argv=None):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(args.seed)
+    if accelerator.mixed_precision == "bf16" and not bf16_supported(accelerator.device):
+        logger.warning(
+            f"bf16 mixed precision on {accelerator.device}, which has no native bfloat16 matmuls (on a CPU: no "
+            "AVX512-BF16 or AMX): they are emulated and run several times slower than float32. Drop "
+            "`--mixed_precision bf16` (or pass `--mixed_precision no`) on this machine."
+        )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
@@ -713,6 +720,8 @@ def main(argv=None):
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
             logger.info(f"Resumed from {resumed} at step {global_step}")
+            if ema is not None:  # its state is unpickled on the CPU; the trained weights sit on the accelerator
+                ema.to(accelerator.device)
     if accelerator.is_main_process:
         stale = remove_stale_temporaries(args.output_dir)
         if stale:

@@ -227,3 +227,24 @@ def test_recipe_mixes_edit_and_interleaved_samples_behind_flags(tmp_path):
     assert edited.shape == (1, 1, 28, 28)
     out = pipe.generate_interleaved("Show me a picture of a sneaker.", max_new_tokens=8, num_inference_steps=2)
     assert out.sequences.shape[1] > pipe.processor(text="Show me a picture of a sneaker.")["input_ids"].shape[1]
+
+
+def test_init_from_continues_a_checkpoint_with_its_tokenizer_and_architecture(tmp_path):
+    require_fashion_mnist()
+    tiny = ["--subset", "64", "--batch_size", "8", "--text_fraction", "0", "--sample_steps", "2", "--warmup_steps", "1"]
+    recipe.main(tiny + ["--max_steps", "2", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
+                        "--vocab_size", "300", "--output_dir", str(tmp_path / "first")])
+    first = DiffusionPipeline.from_pretrained(tmp_path / "first" / "pipeline", trust_remote_code=True)
+    # the default (192-d, 6-layer) settings are replaced by the checkpoint's; new task wordings reuse its tokenizer
+    recipe.main(tiny + ["--max_steps", "1", "--lr", "0", "--edit_fraction", "0.3", "--interleaved_fraction", "0.3",
+                        "--init_from", str(tmp_path / "first"), "--output_dir", str(tmp_path / "second")])
+    second = DiffusionPipeline.from_pretrained(tmp_path / "second" / "pipeline", trust_remote_code=True)
+    saved = json.loads((tmp_path / "second" / "train_args.json").read_text())
+    assert (saved["hidden_size"], saved["num_layers"]) == (32, 1)
+    assert second.processor.tokenizer.get_vocab() == first.processor.tokenizer.get_vocab()
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys()
+    # lr 0: the weights are the checkpoint's; only the EMA's warm-up mixes in (identical) copies
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    with pytest.raises(ValueError, match="train_args.json"):
+        recipe.main(tiny + ["--max_steps", "1", "--init_from", str(tmp_path), "--output_dir", str(tmp_path / "x")])

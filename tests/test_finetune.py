@@ -311,6 +311,13 @@ def test_time_budget_stops_with_a_checkpoint_and_a_pipeline_and_resumes(assets, 
     assert resumed["global_step"] == 3
 
 
+def test_bf16_on_a_device_without_native_bf16_is_warned_about(assets, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train, "bf16_supported", lambda device: False)
+    with caplog.at_level("WARNING"):
+        train.main(script_args(assets, tmp_path / "bf16", "--mixed_precision", "bf16", steps=1))
+    assert any("no native bfloat16" in r.getMessage() for r in caplog.records)
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path):
     # Every caption the same length: each process's LM token mean then equals the global one, so the two runs are
     # the same computation (DDP averages the gradients of equal halves) up to float summation order.
