@@ -238,13 +238,10 @@ class MonoFormerProcessor(ProcessorMixin):
         call that hook directly); sub-processors the caller passed are kept."""
         if kwargs.get("image_processor") is None or kwargs.get("tokenizer") is None:
             own = {k: v for k, v in kwargs.items() if k not in ("image_processor", "tokenizer")}
-            image_processor, tokenizer = cls._get_arguments_from_pretrained(
-                pretrained_model_name_or_path, processor_dict, **own
-            )
-            kwargs.setdefault("image_processor", image_processor)
-            kwargs.setdefault("tokenizer", tokenizer)
-            kwargs["image_processor"] = kwargs["image_processor"] or image_processor
-            kwargs["tokenizer"] = kwargs["tokenizer"] or tokenizer
+            loaded = cls._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **own)
+            for name, component in zip(("image_processor", "tokenizer"), loaded):
+                if kwargs.get(name) is None:
+                    kwargs[name] = component
         return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
 
     @classmethod

@@ -232,13 +232,34 @@ class MonoFormerProcessor(ProcessorMixin):
         return [image_processor, tokenizer]
 
     @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """transformers >= 5.25 loads sub-processors here, the image processor through `AutoImageProcessor` (which
+        asks for remote code). Hand it ours, built as `_get_arguments_from_pretrained` builds them (earlier versions
+        call that hook directly); sub-processors the caller passed are kept."""
+        if kwargs.get("image_processor") is None or kwargs.get("tokenizer") is None:
+            own = {k: v for k, v in kwargs.items() if k not in ("image_processor", "tokenizer")}
+            loaded = cls._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **own)
+            for name, component in zip(("image_processor", "tokenizer"), loaded):
+                if kwargs.get(name) is None:
+                    kwargs[name] = component
+        return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+
+    @classmethod
     def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
         """The base method, keeping the saved `auto_map` (a round trip's `to_dict()` equals the saved one's)."""
-        loaded = super().from_args_and_dict(args, processor_dict, **kwargs)
-        processor = loaded[0] if isinstance(loaded, tuple) else loaded
-        if processor_dict.get("auto_map") is not None:
-            processor.auto_map = processor_dict["auto_map"]
-        return loaded
+        return _keep_auto_map(super().from_args_and_dict(args, processor_dict, **kwargs), processor_dict)
+
+    @classmethod
+    def from_dict(cls, processor_dict: dict, **kwargs):
+        """As `from_args_and_dict`, for transformers >= 5.25 (which builds the processor here)."""
+        return _keep_auto_map(super().from_dict(processor_dict, **kwargs), processor_dict)
+
+
+def _keep_auto_map(loaded, processor_dict: dict):
+    processor = loaded[0] if isinstance(loaded, tuple) else loaded
+    if processor_dict.get("auto_map") is not None:
+        processor.auto_map = processor_dict["auto_map"]
+    return loaded
 
 
 def _config_without_remote_code(pretrained_model_name_or_path, subfolder: str, kwargs: dict):
