@@ -69,8 +69,8 @@ class MonoFormerDataCollator:
       noised at a capped timestep (Transfusion: `t <= 0.5 T`; it then has a diffusion target too), and the LM learns
       the caption;
     - `"edit"`: `<boi> source <eoi> instruction <boi> target <eoi>`; the sample also has `"source"` (a tensor like the
-      target), read clean; the target is noised. The instruction is conditioning, not a target (labels -100 up to the
-      target's `<boi>`). Instruction and source are each dropped with probability `cfg_dropout`, independently
+      target), read clean; the target is noised. The instruction is conditioning, not a target (labels -100 up to and
+      including the target's `<boi>`: the pipeline starts the edited image, the model never has to). Instruction and source are each dropped with probability `cfg_dropout`, independently
       (InstructPix2Pix), which trains the branches of dual guidance;
     - `"interleaved"`: `text` holds one `<image>` marker per entry of `"images"` (a list of `(C, h, w)` tensors, sizes
       may differ), e.g. `"Show me a sneaker. <image> It has laces."`, then `<eos>`; every image is noised
@@ -230,9 +230,12 @@ class MonoFormerDataCollator:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         for special in (self.processor.image_token_id, self.processor.eoi_token_id):
             labels = labels.masked_fill(input_ids == special, -100)
-        for row in edit_rows:  # an edit's source and instruction are conditioning: labels start at the target's <boi>
+        # An edit's source, instruction and the target's <boi> are conditioning (the pipeline starts the edited image).
+        # Learning that <boi> taught "after a clean image, start another" whenever the instruction was dropped, and
+        # captioning collapsed (benchmarks/README.md, the demo fine-tuned with edit samples).
+        for row in edit_rows:
             target_boi = int((input_ids[row] == self.processor.boi_token_id).nonzero()[-1])
-            labels[row, :target_boi] = -100
+            labels[row, : target_boi + 1] = -100
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if not images:
             return out

@@ -217,7 +217,9 @@ def test_edit_layout_source_clean_instruction_unlabelled_target_noised(pixel_mod
     assert len(boi) == 2 and len(eoi) == 2 and boi[0] == 0 and eoi[0] == n + 1
     instruction = processor.tokenizer("flip it horizontally", add_special_tokens=False)["input_ids"]
     assert ids[eoi[0] + 1 : boi[1]].tolist() == instruction and eoi[1] == boi[1] + n + 1
-    assert (labels[: boi[1]] == -100).all() and labels[boi[1]] == c.boi_token_id  # the target's <boi> is learnt
+    # source, instruction and the target's <boi> are conditioning: a learnt <boi> after a dropped instruction taught
+    # "after a clean image, start another" and broke captioning
+    assert (labels[: boi[1] + 1] == -100).all()
     assert isinstance(batch["latents"], list) and torch.equal(batch["latents"][0], source)
     assert batch["timesteps"][0] == 0 and batch["diffusion_target"][0] is None  # source: clean context, no loss
     assert batch["timesteps"][1] > 0 and batch["diffusion_target"][1].shape == target.shape
@@ -264,3 +266,13 @@ def test_interleaved_layout_labels_text_and_boi_and_noises_every_image(pixel_mod
     assert torch.isfinite(out.loss) and out.diffusion_loss is not None
     with pytest.raises(ValueError, match="marker"):
         collator([{"text": "no marker", "images": images, "task": "interleaved"}])
+
+
+def test_edit_with_dropped_instruction_never_teaches_an_image_after_an_image(pixel_model_and_processor):
+    model, processor = pixel_model_and_processor
+    c = model.config
+    collator = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", cfg_dropout=0.5, seed=0)
+    sample = {"text": "flip it horizontally", "source": torch.zeros(1, 4, 4), "pixel_values": torch.ones(1, 4, 4),
+              "task": "edit"}
+    batch = collator([sample] * 64)
+    assert not (batch["labels"] == c.boi_token_id).any()
