@@ -786,8 +786,9 @@ def main(argv=None):
         flag = torch.tensor(float(time.time() - train_start >= 60 * args.max_train_minutes), device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="max").item())
 
+    time_up = False
     for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
+        if global_step >= max_train_steps or time_up:
             break
         dataloader.set_epoch(epoch)  # the sampler's permutation
         dataset.set_epoch(epoch)  # the per-sample noise seeds (accelerate does not forward it in every mode)
@@ -831,14 +832,12 @@ def main(argv=None):
                 write_samples_and_curve(global_step)
             if global_step >= max_train_steps:
                 break
-            if time_is_up():
+            time_up = time_is_up()
+            if time_up:
                 logger.info(f"--max_train_minutes {args.max_train_minutes} reached at step {global_step}.")
                 if not (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
                     save_checkpoint(global_step)  # resumable from exactly here
                 break
-        else:
-            continue
-        break  # the inner loop stopped on a limit
     progress.close()
     train_seconds = time.time() - train_start
 

@@ -70,8 +70,9 @@ class MonoFormerDataCollator:
       the caption;
     - `"edit"`: `<boi> source <eoi> instruction <boi> target <eoi>`; the sample also has `"source"` (a tensor like the
       target), read clean; the target is noised. The instruction is conditioning, not a target (labels -100 up to and
-      including the target's `<boi>`: the pipeline starts the edited image, the model never has to). Instruction and source are each dropped with probability `cfg_dropout`, independently
-      (InstructPix2Pix), which trains the branches of dual guidance;
+      including the target's `<boi>`: the pipeline starts the edited image, the model never has to). Instruction and
+      source are each dropped with probability `cfg_dropout`, independently (InstructPix2Pix), which trains the
+      branches of dual guidance;
     - `"interleaved"`: `text` holds one `<image>` marker per entry of `"images"` (a list of `(C, h, w)` tensors, sizes
       may differ), e.g. `"Show me a sneaker. <image> It has laces."`, then `<eos>`; every image is noised
       (Transfusion; each has a diffusion target) and every text token, `<boi>` included, has a label, so the LM learns
