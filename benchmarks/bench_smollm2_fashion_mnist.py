@@ -95,8 +95,11 @@ def class_accuracy(scorer: Scorer, result: dict) -> dict:
 
 @torch.no_grad()
 def text_kept(model, llm, tokenizer, windows: int, new_tokens: int) -> dict:
-    """Perplexity on *Persuasion* of both, the largest |logit diff|, and greedy continuations compared."""
-    ids = tokenizer("\n".join(load_austen_texts(split="test")), return_tensors="pt")["input_ids"][0]
+    """Perplexity on *Persuasion* of both, the largest |logit diff|, and greedy continuations compared (the LLM runs on
+    the model's device)."""
+    device = model.device
+    llm = llm.to(device)
+    ids = tokenizer("\n".join(load_austen_texts(split="test")), return_tensors="pt")["input_ids"][0].to(device)
     nll = {"llm": 0.0, "monoformer": 0.0}
     count, max_diff = 0, 0.0
     for w in range(windows):
@@ -109,7 +112,7 @@ def text_kept(model, llm, tokenizer, windows: int, new_tokens: int) -> dict:
         count += window.shape[1] - 1
     continuations = []
     for prompt in TEXT_PROMPTS:
-        inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
         outs = [m.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1]:]
                 for m in (llm, model)]
         continuations.append({"prompt": prompt, "llm": tokenizer.decode(outs[0]), "monoformer": tokenizer.decode(outs[1]),

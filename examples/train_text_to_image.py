@@ -111,6 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--caption_ratio", type=float, default=0.0,
                    help="Fraction of image samples trained image -> caption (understanding) instead of text -> image.")
     g.add_argument("--cfg_dropout", type=float, default=0.1, help="Prompt dropout for classifier-free guidance.")
+    g.add_argument("--caption_word_dropout", type=float, default=0.0,
+                   help="Drop each word of a text-to-image prompt with this probability (at least one stays): the "
+                        "image path cannot key on one exact wording. No new words are made.")
     g.add_argument("--cache_dir", default=None, help="Where cached latents go (default: <output_dir>/latent_cache).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -202,7 +205,10 @@ def load_scheduler(folder):
 
 def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image_lora_alpha=16.0,
               attn_implementation=None):
-    """Model (float32), processor, noise scheduler and VAE (or None) from a checkpoint or a pipeline folder.
+    """Model (float32), processor, scheduler and VAE (or None) from a checkpoint or a pipeline folder.
+
+    The scheduler is the folder's own (a pipeline's may be a sampler such as DPM-Solver; `training_noise_scheduler`
+    derives the training schedule from it).
 
     `image_experts` ("full" / "lora") gives a checkpoint saved without image experts its image weights, copied from
     its text weights; a checkpoint that has them keeps its own (a different mode is refused).
@@ -246,6 +252,42 @@ def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image
     return model, processor, scheduler, vae
 
 
+def training_noise_scheduler(scheduler, config):
+    """The schedule training noise is drawn from: `scheduler` itself when it is one the collator draws from
+    (FlowMatch for flow models; a DDPM-family scheduler with `add_noise` otherwise), else the model's default one,
+    `default_noise_scheduler(config)`. A saved pipeline's sampler (e.g. DPM-Solver++ with flow sigmas, which has no
+    `scale_noise`) then still trains, and the output pipeline keeps that sampler."""
+    name = type(scheduler).__name__
+    if config.prediction_type == "flow":
+        fits = "FlowMatch" in name
+    else:
+        fits = hasattr(scheduler, "add_noise") and (config.prediction_type == "epsilon" or hasattr(scheduler, "get_velocity"))
+    if fits:
+        return scheduler
+    return default_noise_scheduler(config.prediction_type, config.num_train_timesteps, config.learn_sigma)
+
+
+def load_sampler_settings(path) -> dict:
+    """`guider` and `default_num_inference_steps` of a saved pipeline folder (empty for a model checkpoint), so a
+    pipeline trained further keeps the sampler settings it was tuned with."""
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        return {}
+    with open(index_file) as f:
+        index = json.load(f)
+    settings = {}
+    if "default_num_inference_steps" in index:
+        settings["default_num_inference_steps"] = index["default_num_inference_steps"]
+    guider_dir = os.path.join(path, "guider")
+    if os.path.isfile(os.path.join(guider_dir, "guider_config.json")):
+        import diffusers.guiders
+
+        with open(os.path.join(guider_dir, "guider_config.json")) as f:
+            class_name = json.load(f)["_class_name"]
+        settings["guider"] = getattr(diffusers.guiders, class_name).from_pretrained(guider_dir)
+    return settings
+
+
 def training_method(args, config) -> str:
     """What a run trains, in words (log line and model card)."""
     if config.image_experts == "full":
@@ -255,12 +297,13 @@ def training_method(args, config) -> str:
     return f"LoRA (rank {args.lora_rank})" if args.lora_rank else "full fine-tune"
 
 
-def build_pipeline(model, vae, scheduler, processor):
-    """A `MonoFormerPipeline` around `model` (imported here: the pipeline module is optional for training)."""
+def build_pipeline(model, vae, scheduler, processor, **sampler_settings):
+    """A `MonoFormerPipeline` around `model` (imported here: the pipeline module is optional for training);
+    `sampler_settings`: `guider`, `default_num_inference_steps` (from `load_sampler_settings`)."""
     from modeling_monoformer.pipeline_monoformer import MonoFormerPipeline
 
     sampler = type(scheduler).from_config(scheduler.config)
-    pipe = MonoFormerPipeline(model=model, vae=vae, scheduler=sampler, processor=processor)
+    pipe = MonoFormerPipeline(model=model, vae=vae, scheduler=sampler, processor=processor, **sampler_settings)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -557,6 +600,7 @@ def main(argv=None):
         args.attn_implementation,
     )
     config = model.config
+    sampler_settings = load_sampler_settings(args.pretrained_model_name_or_path)
     if config.image_experts != "none" and args.lora_rank:
         raise ValueError(
             f"{args.pretrained_model_name_or_path!r} has image_experts={config.image_experts!r}: its text weights stay "
@@ -585,7 +629,9 @@ def main(argv=None):
         [r["text"] for r in records], latents, texts, args.text_ratio, args.caption_ratio, seed=args.seed
     )
     collator = MonoFormerDataCollator(
-        processor, noise_scheduler, config.prediction_type, cfg_dropout=args.cfg_dropout, seed=args.seed
+        processor, training_noise_scheduler(noise_scheduler, config), config.prediction_type,
+        cfg_dropout=args.cfg_dropout, seed=args.seed,
+        caption_word_dropout=args.caption_word_dropout,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collator,
@@ -865,7 +911,9 @@ def main(argv=None):
         if len(sizes) == 1 and len({*next(iter(sizes))}) == 1:  # one square size: the pipeline's default
             final_model.config.sample_size = next(iter(sizes))[0]
         pipeline_dir = os.path.join(args.output_dir, "pipeline")
-        build_pipeline(final_model, vae, noise_scheduler, processor).save_pretrained(pipeline_dir + ".tmp")
+        build_pipeline(final_model, vae, noise_scheduler, processor, **sampler_settings).save_pretrained(
+            pipeline_dir + ".tmp"
+        )
         text_config = config.text_config
         base_llm = (getattr(text_config, "_name_or_path", "") or getattr(config, "_name_or_path", "")
                     or args.pretrained_model_name_or_path)

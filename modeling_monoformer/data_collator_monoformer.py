@@ -64,7 +64,8 @@ class MonoFormerDataCollator:
     scaled) or `"pixel_values"` (`(C, H, W)` in `[-1, 1]`, pixel-space models only). `"task"` picks the layout:
 
     - `"generate"` (default with an image): `text <boi> <image>... <eoi>`; the image is noised (diffusion loss), the
-      text is dropped with probability `cfg_dropout` (classifier-free guidance);
+      text is dropped with probability `cfg_dropout` (classifier-free guidance), and with `caption_word_dropout` each
+      word of a kept prompt is dropped on its own (at least one stays), so the image cannot key on one wording;
     - `"caption"`: `<boi> <image>... <eoi> text <eos>`; the image is clean (`t = 0`), or with `caption_max_noise`
       noised at a capped timestep (Transfusion: `t <= 0.5 T`; it then has a diffusion target too), and the LM learns
       the caption;
@@ -93,6 +94,8 @@ class MonoFormerDataCollator:
         seed (`int`, *optional*): Seeds the collator's own generator (noise, timesteps, dropout).
         caption_max_noise (`float`, *optional*): Noise `"caption"` images at timesteps in the first
             `caption_max_noise` of the schedule (Transfusion: 0.5) instead of keeping them clean.
+        caption_word_dropout (`float`, defaults to 0): Probability of dropping each whitespace-separated word of a
+            `"generate"` prompt that was kept (no new words are made: the subsets of a training caption only).
     """
 
     def __init__(
@@ -104,9 +107,12 @@ class MonoFormerDataCollator:
         max_length=None,
         seed=None,
         caption_max_noise: float | None = None,
+        caption_word_dropout: float = 0.0,
     ):
         if not 0.0 <= cfg_dropout < 1.0:
             raise ValueError(f"`cfg_dropout` must be in [0, 1), got {cfg_dropout}.")
+        if not 0.0 <= caption_word_dropout < 1.0:
+            raise ValueError(f"`caption_word_dropout` must be in [0, 1), got {caption_word_dropout}.")
         if caption_max_noise is not None and not 0.0 < caption_max_noise <= 1.0:
             raise ValueError(
                 f"`caption_max_noise` must be None (clean caption images) or a fraction in (0, 1], got "
@@ -119,6 +125,7 @@ class MonoFormerDataCollator:
         self.cfg_dropout = cfg_dropout
         self.max_length = max_length
         self.caption_max_noise = caption_max_noise
+        self.caption_word_dropout = caption_word_dropout
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.rng = random.Random(seed)
 
@@ -139,10 +146,21 @@ class MonoFormerDataCollator:
                 return self._as_image(sample[field], field, index)
         return None
 
+    def _uniform(self, generator: torch.Generator | None) -> float:
+        """One draw in [0, 1), from the sample's generator when it has a seed."""
+        return self.rng.random() if generator is None else torch.rand((), generator=generator).item()
+
     def _drop(self, generator: torch.Generator | None) -> bool:
-        """One prompt-dropout draw (from the sample's generator when it has a seed)."""
-        draw = self.rng.random() if generator is None else torch.rand((), generator=generator).item()
-        return draw < self.cfg_dropout
+        """One prompt-dropout draw."""
+        return self._uniform(generator) < self.cfg_dropout
+
+    def _drop_words(self, text: str, generator: torch.Generator | None) -> str:
+        """`text` with each word dropped with probability `caption_word_dropout`; one random word stays if all go."""
+        words = text.split()
+        if self.caption_word_dropout == 0.0 or len(words) < 2:
+            return text
+        kept = [w for w in words if self._uniform(generator) >= self.caption_word_dropout]
+        return " ".join(kept) if kept else words[int(self._uniform(generator) * len(words))]
 
     def _layout(self, sample: dict, index: int, generator) -> tuple[str, list[torch.Tensor], list[float | None]]:
         """A sample's text (one `<image>` per image) and its images in order, each with its noise cap (`1.0`: the full
@@ -171,7 +189,7 @@ class MonoFormerDataCollator:
         if image is None:
             raise ValueError(f"Sample {index} has task {task!r} but no `latents` / `pixel_values`.")
         if task == "generate":
-            return ("" if self._drop(generator) else text) + image_token, [image], [1.0]
+            return ("" if self._drop(generator) else self._drop_words(text, generator)) + image_token, [image], [1.0]
         if task == "caption":
             return image_token + text + eos, [image], [self.caption_max_noise]
         if sample.get("source") is None:  # edit

@@ -134,6 +134,32 @@ def test_collator_cfg_dropout_drops_prompts(pixel_model_and_processor):
     assert 0.35 < dropped < 0.65
 
 
+def test_caption_word_dropout_keeps_ordered_subsets_of_the_prompt_and_only_for_generation(pixel_model_and_processor):
+    _, processor = pixel_model_and_processor
+    collator = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", cfg_dropout=0.0, seed=0,
+                                      caption_word_dropout=0.3)
+    words = "a photo of a pair of trousers".split()
+    img = torch.zeros(1, 4, 4)
+    batch = collator([{"text": " ".join(words), "pixel_values": img}] * 300)
+    boi = processor.boi_token_id
+    prompts = [processor.tokenizer.decode(row[: int((row == boi).nonzero()[0])], skip_special_tokens=True).split()
+               for row in batch["input_ids"]]
+    dropped = 0
+    for prompt in prompts:
+        assert prompt, "a kept prompt never loses every word"
+        it = iter(words)
+        assert all(w in it for w in prompt), f"{prompt} is not an ordered subset of {words}"
+        dropped += len(words) - len(prompt)
+    assert 0.25 < dropped / (len(words) * len(prompts)) < 0.35
+    # captions are targets, not conditioning: never thinned; a seeded sample thins the same way every time
+    caption = collator([{"text": "a coat", "pixel_values": img, "task": "caption"}])
+    assert processor.tokenizer.decode(caption["input_ids"][0], skip_special_tokens=True).strip() == "a coat"
+    seeded = [{"text": " ".join(words), "pixel_values": img, "seed": 3}]
+    assert torch.equal(collator(seeded)["input_ids"], collator(seeded)["input_ids"])
+    with pytest.raises(ValueError, match="caption_word_dropout"):
+        MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", caption_word_dropout=1.0)
+
+
 def test_collator_errors_name_the_problem(pixel_model_and_processor):
     _, processor = pixel_model_and_processor
     collator = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon")

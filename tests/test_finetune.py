@@ -311,6 +311,34 @@ def test_time_budget_stops_with_a_checkpoint_and_a_pipeline_and_resumes(assets, 
     assert resumed["global_step"] == 3
 
 
+def test_a_tuned_flow_pipeline_trains_further_and_keeps_its_sampler(assets, tmp_path):
+    """A saved pipeline whose sampler is DPM-Solver++ with flow sigmas (no `scale_noise`) trains on the flow schedule
+    and its output pipeline keeps that sampler, its guider and its default step count."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from modeling_monoformer import MonoFormerPipeline
+
+    tok = make_tokenizer()
+    model = MonoFormerForConditionalGeneration.from_llm(
+        tiny_llama(vocab_size=len(tok)), tokenizer=tok, patch_size=2, sample_size=8, latent_channels=3,
+        vae_scale_factor=1, prediction_type="flow",
+    )
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(), tok).configure_for_model(model.config)
+    sampler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    guider = ClassifierFreeGuidance(guidance_scale=5.0, start=0.1, stop=0.9)
+    MonoFormerPipeline(model=model, vae=None, scheduler=sampler, processor=processor, guider=guider,
+                       default_num_inference_steps=7).save_pretrained(tmp_path / "tuned")
+    args = script_args(assets, tmp_path / "more", steps=2)
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(tmp_path / "tuned")
+    assert train.main(args)["global_step"] == 2
+    pipe = MonoFormerPipeline.from_pretrained(tmp_path / "more" / "pipeline")
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and pipe.scheduler.config.use_flow_sigmas
+    assert isinstance(pipe.guider, ClassifierFreeGuidance)
+    assert (pipe.guider.guidance_scale, pipe.guider.config.start, pipe.guider.config.stop) == (5.0, 0.1, 0.9)
+    assert pipe.config.default_num_inference_steps == 7
+
+
 def test_bf16_on_a_device_without_native_bf16_is_warned_about(assets, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(train, "bf16_supported", lambda device: False)
     with caplog.at_level("WARNING"):
