@@ -20,6 +20,10 @@ middle half of the steps). Timings on a shared CPU are indicative only.
 
     python benchmarks/bench_anytoany_fashion_mnist.py                       # the shipped checkpoint
     python benchmarks/bench_anytoany_fashion_mnist.py --num_captions 200 --runs_per_class 2 --edits_per_type 20
+
+`--examples PATH` also writes one PNG of all three abilities on held-out images, one column per class: the source,
+"flip it horizontally", "invert the colours", "turn it into <the next class>" (dual guidance), the image of
+`generate_interleaved("Show me a picture of <class>.")`, and that run's text is printed.
 """
 
 import argparse
@@ -39,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_quality_fashion_mnist import batched, get_classifier  # noqa: E402
 from train_fashion_mnist import (  # noqa: E402
-    CLASS_EDIT_TEMPLATE, CLASS_NAMES, EDITS, SAMPLER_DEFAULTS, caption_class, load_fashion_mnist,
+    CLASS_EDIT_TEMPLATE, CLASS_NAMES, EDITS, SAMPLER_DEFAULTS, caption_class, class_grid, load_fashion_mnist,
 )
 
 # The request worded as the recipe's interleaved samples, and the text-to-image caption layout for comparison.
@@ -127,6 +131,31 @@ def editing(pipe, clf, images, labels, per_type: int, image_guidance_scale: floa
     return rows
 
 
+@torch.no_grad()
+def write_examples(pipe, images, labels, path: str, image_guidance_scale: float, max_new_tokens: int) -> None:
+    """Rows: held-out source per class, its three edits, then the interleaved answer's image (see the docstring)."""
+    sources = torch.stack([images[int((labels == c).nonzero()[0])] for c in range(10)])  # (10, 1, 28, 28)
+    rows = [sources]
+    for k, instruction in enumerate(EDITS):
+        rows.append(edit_batch(pipe, [instruction] * 10, sources, 7 + k, image_guidance_scale))
+    turn = [CLASS_EDIT_TEMPLATE.format(CLASS_NAMES[(c + 1) % 10]) for c in range(10)]
+    rows.append(edit_batch(pipe, turn, sources, 9, image_guidance_scale))
+    answers = []
+    for c, name in enumerate(CLASS_NAMES):
+        out = pipe.generate_interleaved(
+            INTERLEAVED_PROMPTS[0].format(name), max_new_tokens=max_new_tokens, do_sample=False,
+            generator=torch.Generator().manual_seed(c), output_type="pt", **SAMPLER_DEFAULTS,
+        )
+        made = [s for s in out.segments if not isinstance(s, str)]
+        answers.append(made[0].float() * 2 - 1 if made else torch.full((1, 28, 28), -1.0))
+        print(f"interleaved {name!r}: " + " | ".join(s if isinstance(s, str) else "<image>" for s in out.segments))
+    rows.append(torch.stack(answers))
+    cells = (torch.cat(rows)[:, 0].clamp(-1, 1).numpy() + 1) / 2
+    grid = class_grid(cells, len(rows), 10)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    print(f"examples: {path} (rows: source, {', '.join(EDITS)}, turn it into <next class>, interleaved image)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(ROOT / "examples" / "monoformer-fashion-mnist"))
@@ -136,6 +165,7 @@ def main():
     parser.add_argument("--edits_per_type", type=int, default=100)
     parser.add_argument("--image_guidance_scale", type=float, default=1.5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--examples", default=None, help="write a PNG of edits and interleaved images here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,6 +201,9 @@ def main():
             print(f"interleaved example: {example!r}")
     for row in results:
         print(f"| {' | '.join(row)} |")
+    if args.examples:
+        write_examples(pipe, images[1000:], labels[1000:], args.examples, args.image_guidance_scale,
+                       args.max_new_tokens)
     if args.edits_per_type:
         t0 = time.time()
         rows = editing(pipe, lambda x: batched(clf, x) if x.ndim == 4 else clf(x), images[1000:], labels[1000:],

@@ -50,9 +50,9 @@ stays out), then exits without training:
     python examples/train_text_to_image.py --train_data_dir ~/fmnist-export/images \\
         --text_data_file ~/fmnist-export/austen_train.txt --text_ratio 0.15 --caption_ratio 0.15 ...
 
-The run is seeded: with `--max_steps` (and the same `--subset`/threads), two runs give the same weights. A `--minutes`
-budget stops at whatever step the clock allows, so its length depends on the machine; the LR schedule then follows
-the elapsed fraction of the budget.
+The run is seeded: with `--max_steps` (and the same `--subset`/threads), two runs give the same weights (a step limit
+alone has no time budget). A `--minutes` budget (20 when neither is given) stops at whatever step the clock allows, so
+its length depends on the machine; the LR schedule then follows the elapsed fraction of the budget.
 """
 
 import argparse
@@ -431,8 +431,10 @@ def parse_args(argv=None):
                             "settings (from its train_args.json) replace the random init; optimiser and EMA start "
                             "fresh")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget")
-    group.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (reproducible)")
+    group.add_argument("--minutes", type=float, default=None,
+                       help="wall-clock training budget (default: 20, or none when --max_steps is given)")
+    group.add_argument("--max_steps", type=int, default=None,
+                       help="stop after this many steps (reproducible); with --minutes too, whichever comes first")
     group.add_argument("--batch_size", type=int, default=32)
     group.add_argument("--lr", type=float, default=1.5e-3)
     group.add_argument("--warmup_steps", type=int, default=100)
@@ -450,7 +452,10 @@ def parse_args(argv=None):
     group.add_argument("--sample_scheduler", default="dpm", choices=["dpm", "euler"],
                        help="flow models: the scheduler saved with the pipeline (DDIM for epsilon / v)")
     group.add_argument("--save_dtype", default="float32", choices=["float32", "bfloat16"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.minutes is None and args.max_steps is None:
+        args.minutes = 20.0
+    return args
 
 
 def lr_factor(step: int, progress: float, warmup: int) -> float:
@@ -544,7 +549,7 @@ def main(argv=None):
         return collator(batch)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    budget = args.minutes * 60
+    budget = args.minutes * 60 if args.minutes is not None else float("inf")
     history: list[dict] = []
     start = last_sample = time.time()
 

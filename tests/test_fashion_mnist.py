@@ -163,6 +163,13 @@ def test_recipe_runs_end_to_end_and_is_reproducible(tmp_path):
     assert images.images.shape == (1, 28, 28, 1)
 
 
+def test_a_step_limit_alone_is_not_cut_short_by_the_default_time_budget():
+    assert recipe.parse_args(["--output_dir", "x"]).minutes == 20.0
+    assert recipe.parse_args(["--output_dir", "x", "--max_steps", "3000"]).minutes is None
+    both = recipe.parse_args(["--output_dir", "x", "--max_steps", "3000", "--minutes", "5"])
+    assert (both.minutes, both.max_steps) == (5.0, 3000)
+
+
 def test_recipe_trains_the_unet_patch_path_in_bf16(tmp_path):
     require_fashion_mnist()
     args = [
