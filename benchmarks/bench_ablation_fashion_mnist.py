@@ -30,6 +30,10 @@ CONFIGS = {
 METRICS = {
     "class accuracy of samples": "class acc",
     "FD(samples, test)": "FD",
+    "FD / floor": "FD/floor",
+    "diversity vs real (mean)": "diversity",
+    "images seen": "images seen",
+    "seconds per image": "s/image",
     "captioning accuracy": "caption acc",
     "perplexity": "ppl",
 }
@@ -70,7 +74,7 @@ def main():
         rows.append((name, values))
         print(f"{name}: {values}", flush=True)
 
-    cols = ["steps", "class acc", "FD", "caption acc", "ppl"]
+    cols = ["steps", "images seen", "class acc", "FD", "FD/floor", "diversity", "caption acc", "ppl", "s/image"]
     print(f"\nAblation: {args.minutes} min of training each, {args.model_args or 'the recipe defaults'}; sampler: "
           f"each run's saved scheduler (DPM-Solver++ on flow sigmas / DDIM), {args.steps} steps, guidance {args.guidance_scale}, {args.per_class} samples per class")
     print(f"| {'configuration':<28} | " + " | ".join(f"{c:>11}" for c in cols) + " |")
