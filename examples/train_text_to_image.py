@@ -195,10 +195,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------------
-def load_scheduler(folder):
+def load_component(folder, config_name="scheduler_config.json"):
+    """A saved diffusers scheduler or guider, of the class its config names."""
     import diffusers
 
-    with open(os.path.join(folder, "scheduler_config.json")) as f:
+    with open(os.path.join(folder, config_name)) as f:
         class_name = json.load(f)["_class_name"]
     return getattr(diffusers, class_name).from_pretrained(folder)
 
@@ -231,7 +232,7 @@ def load_base(path, vae_path=None, image_experts=None, image_lora_rank=16, image
     processor.configure_for_model(model.config)
     scheduler_dir = os.path.join(path, "scheduler")
     if os.path.isfile(os.path.join(scheduler_dir, "scheduler_config.json")):
-        scheduler = load_scheduler(scheduler_dir)
+        scheduler = load_component(scheduler_dir)
     else:
         scheduler = default_noise_scheduler(
             model.config.prediction_type, model.config.num_train_timesteps, model.config.learn_sigma
@@ -257,11 +258,12 @@ def training_noise_scheduler(scheduler, config):
     (FlowMatch for flow models; a DDPM-family scheduler with `add_noise` otherwise), else the model's default one,
     `default_noise_scheduler(config)`. A saved pipeline's sampler (e.g. DPM-Solver++ with flow sigmas, which has no
     `scale_noise`) then still trains, and the output pipeline keeps that sampler."""
-    name = type(scheduler).__name__
     if config.prediction_type == "flow":
-        fits = "FlowMatch" in name
-    else:
-        fits = hasattr(scheduler, "add_noise") and (config.prediction_type == "epsilon" or hasattr(scheduler, "get_velocity"))
+        fits = "FlowMatch" in type(scheduler).__name__
+    else:  # v-prediction targets also need get_velocity
+        fits = hasattr(scheduler, "add_noise") and (
+            config.prediction_type == "epsilon" or hasattr(scheduler, "get_velocity")
+        )
     if fits:
         return scheduler
     return default_noise_scheduler(config.prediction_type, config.num_train_timesteps, config.learn_sigma)
@@ -280,11 +282,7 @@ def load_sampler_settings(path) -> dict:
         settings["default_num_inference_steps"] = index["default_num_inference_steps"]
     guider_dir = os.path.join(path, "guider")
     if os.path.isfile(os.path.join(guider_dir, "guider_config.json")):
-        import diffusers.guiders
-
-        with open(os.path.join(guider_dir, "guider_config.json")) as f:
-            class_name = json.load(f)["_class_name"]
-        settings["guider"] = getattr(diffusers.guiders, class_name).from_pretrained(guider_dir)
+        settings["guider"] = load_component(guider_dir, "guider_config.json")
     return settings
 
 
