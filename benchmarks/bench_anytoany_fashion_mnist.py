@@ -5,7 +5,9 @@ Everything is scored on held-out Fashion-MNIST test images with the independent 
 `bench_quality_fashion_mnist.py` (trained once on the train set, cached, >= 90% test accuracy).
 
 - Captioning: `model.generate(**processor(text="<image>", images=[img, ...]))`, greedy, on `--num_captions` test
-  images; correct when the caption names the true class. VQA: the same with `"<image>What is this?"`.
+  images; correct when the caption names the true class. VQA: the same with a question after the image,
+  `"<image>What is this?"` (one of the recipe's `--vqa_fraction` training questions) and questions worded in ways the
+  recipe never trains (`VQA_HELD_OUT`).
 - Interleaved: `pipe.generate_interleaved("Show me a picture of <class>.")` (greedy text, `--runs_per_class` image
   seeds per class): the fraction of runs that emit exactly one image, that image's class accuracy, and example text;
   the same for the caption wording of text-to-image training, `"a photo of <class>"`.
@@ -43,12 +45,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_quality_fashion_mnist import batched, get_classifier  # noqa: E402
 from train_fashion_mnist import (  # noqa: E402
-    CLASS_EDIT_TEMPLATE, CLASS_NAMES, EDITS, SAMPLER_DEFAULTS, caption_class, class_grid, load_fashion_mnist,
+    CLASS_EDIT_TEMPLATE, CLASS_NAMES, EDITS, SAMPLER_DEFAULTS, VQA_QUESTIONS, caption_class, class_grid,
+    load_fashion_mnist,
 )
 
 # The request worded as the recipe's interleaved samples, and the text-to-image caption layout for comparison.
 INTERLEAVED_PROMPTS = ["Show me a picture of {}.", "a photo of {}"]
 VQA_PROMPT = "<image>What is this?"
+# Never in any training sample of the recipe: what a VQA score on them measures is more than three memorised strings.
+VQA_HELD_OUT = ["What is shown here?", "Can you name this item?", "Which piece of clothing is in this image?"]
+assert not set(VQA_HELD_OUT) & set(VQA_QUESTIONS)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -188,9 +194,16 @@ def main():
         t0 = time.time()
         acc, answers = understanding_accuracy(pipe, images[: args.num_captions], labels[: args.num_captions],
                                               VQA_PROMPT)
-        results.append(("VQA accuracy ('What is this?')", f"{acc:.3f}", f"{args.num_captions} test images, greedy",
-                        f"{time.time() - t0:.0f} s"))
+        results.append(("VQA accuracy ('What is this?', a training question)", f"{acc:.3f}",
+                        f"{args.num_captions} test images, greedy", f"{time.time() - t0:.0f} s"))
         print(f"VQA answers, e.g.: {answers[:3]}")
+        for question in VQA_HELD_OUT:
+            t0 = time.time()
+            acc, answers = understanding_accuracy(pipe, images[: args.num_captions], labels[: args.num_captions],
+                                                  "<image>" + question)
+            results.append((f"VQA accuracy ({question!r}, never trained)", f"{acc:.3f}",
+                            f"{args.num_captions} test images, greedy", f"{time.time() - t0:.0f} s"))
+            print(f"VQA {question!r} answers, e.g.: {answers[:3]}")
     for template in INTERLEAVED_PROMPTS if args.runs_per_class else []:
         r = interleaved(pipe, lambda x: batched(clf, x), template, args.runs_per_class, args.max_new_tokens)
         results.append((f"interleaved '{template}': runs with exactly one image", f"{r['one_image']:.3f}",

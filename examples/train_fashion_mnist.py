@@ -11,7 +11,9 @@ One Llama-style transformer learns three things with the same weights:
   targets built from the data (`EDITS`: the mirrored image, the inverted image, or another training image of the
   named class for "turn it into <class>"), and interleaved text and images, `"Show me a picture of a sneaker." <boi>
   image <eoi> " Here is a sneaker."` (`INTERLEAVED_TEMPLATES`), so that `pipe.generate_interleaved` and
-  `pipe(instruction, image=source)` work; `--caption_max_noise 0.5` noises the captioned images (Transfusion).
+  `pipe(instruction, image=source)` work; visual questions (`--vqa_fraction`), `<image> "What is this?" " It is a
+  sneaker."` with the question as conditioning (no LM loss on it; `VQA_QUESTIONS`); `--caption_max_noise 0.5` noises
+  the captioned and questioned images (Transfusion).
   Edit sources are training images; the benchmark edits held-out test images.
 
 Data (Debian packages, nothing downloaded from a hub):
@@ -121,6 +123,10 @@ EDITS = {
     "invert the colours": lambda x: -x,
 }
 CLASS_EDIT_TEMPLATE = "turn it into {}"
+# Visual questions (VQA samples: the image, one of these questions, the answer). The benchmark also asks questions
+# worded otherwise (`bench_anytoany_fashion_mnist.py`), to measure more than these three strings.
+VQA_QUESTIONS = ["What is this?", "What is in the picture?", "What kind of garment is this?"]
+VQA_ANSWER_TEMPLATE = " It is {}."
 # Interleaved samples: a request, the image, a remark on it.
 INTERLEAVED_TEMPLATES = [
     ("Show me a picture of {}.", " Here is {}."),
@@ -163,10 +169,17 @@ def make_interleaved_sample(rng: random.Random, image: torch.Tensor, label: int,
     return {"text": before.format(name) + image_token + after.format(name), "images": [image], "task": "interleaved"}
 
 
+def make_vqa_sample(rng: random.Random, image: torch.Tensor, label: int) -> dict:
+    """`<image> "What is this?" " It is a sneaker."`: a caption sample whose question is conditioning (no LM loss)."""
+    return {"prompt": rng.choice(VQA_QUESTIONS), "text": VQA_ANSWER_TEMPLATE.format(CLASS_NAMES[label]),
+            "pixel_values": image, "task": "caption"}
+
+
 def edit_and_interleaved_corpus() -> list[str]:
-    """The texts of edit and interleaved samples, for the tokenizer."""
+    """The texts of edit, interleaved and VQA samples, for the tokenizer."""
     texts = list(EDITS) + [CLASS_EDIT_TEMPLATE.format(n) for n in CLASS_NAMES]
     texts += [part.format(n) for pair in INTERLEAVED_TEMPLATES for part in pair for n in CLASS_NAMES]
+    texts += [q + VQA_ANSWER_TEMPLATE.format(n) for q in VQA_QUESTIONS for n in CLASS_NAMES]
     return texts
 
 
@@ -419,6 +432,8 @@ def parse_args(argv=None):
                        help="edit samples (flip / invert / turn it into <class>, built from the data); 0 = none")
     group.add_argument("--interleaved_fraction", type=float, default=0.0,
                        help='interleaved samples ("Show me a picture of <class>." <image> " Here is <class>.")')
+    group.add_argument("--vqa_fraction", type=float, default=0.0,
+                       help='visual questions (<image> "What is this?" " It is <class>.", the question not learnt)')
     group.add_argument("--caption_max_noise", type=float, default=None,
                        help="noise captioned images at t <= this fraction of the schedule (Transfusion: 0.5); "
                             "default: clean")
@@ -487,10 +502,13 @@ def main(argv=None):
     if args.subset and texts:
         texts = texts[: args.subset]
     captions = [t.format(n) for t in CAPTION_TEMPLATES for n in CLASS_NAMES]
-    if args.edit_fraction or args.interleaved_fraction:  # only then: the default recipe keeps its exact tokenizer
+    fractions = [args.text_fraction, args.caption_fraction, args.edit_fraction, args.interleaved_fraction,
+                 args.vqa_fraction]
+    if any(fractions[2:]):  # only then: the default recipe keeps its exact tokenizer
         captions += edit_and_interleaved_corpus()
-    if args.text_fraction + args.caption_fraction + args.edit_fraction + args.interleaved_fraction > 1:
-        raise ValueError("--text_fraction + --caption_fraction + --edit_fraction + --interleaved_fraction must be <= 1.")
+    if any(f < 0 for f in fractions) or sum(fractions) > 1:
+        raise ValueError("--text_fraction, --caption_fraction, --edit_fraction, --interleaved_fraction and "
+                         "--vqa_fraction must be >= 0 and sum to <= 1 (the rest is text-to-image).")
     if args.init_from:
         tokenizer, weights = load_init_checkpoint(args)
     else:
@@ -521,7 +539,7 @@ def main(argv=None):
         f"{len(texts)} Austen paragraphs, vocab {len(tokenizer)}; {torch.get_num_threads()} threads"
     )
 
-    seen = {"generate": 0, "caption": 0, "edit": 0, "interleaved": 0}  # samples trained on, per task
+    seen = {"generate": 0, "caption": 0, "edit": 0, "interleaved": 0, "vqa": 0}  # samples trained on, per task
 
     def sample_batch() -> dict:
         batch = []
@@ -535,15 +553,16 @@ def main(argv=None):
             image = images[i]
             if args.hflip and rng.random() < 0.5:  # off by default: every shoe in Fashion-MNIST faces left
                 image = image.flip(-1)
-            bounds = np.cumsum([args.text_fraction, args.caption_fraction, args.edit_fraction,
-                                args.interleaved_fraction])
-            task = "caption" if r < bounds[1] else "edit" if r < bounds[2] else "interleaved" if r < bounds[3] else (
-                "generate")
+            bounds = np.cumsum(fractions)
+            task = ("caption" if r < bounds[1] else "edit" if r < bounds[2] else "interleaved" if r < bounds[3]
+                    else "vqa" if r < bounds[4] else "generate")
             seen[task] += 1
             if task == "edit":
                 batch.append(make_edit_sample(rng, images, labels, by_class, i))
             elif task == "interleaved":
                 batch.append(make_interleaved_sample(rng, image, int(labels[i]), processor.image_token))
+            elif task == "vqa":
+                batch.append(make_vqa_sample(rng, image, int(labels[i])))
             else:
                 batch.append({"text": caption, "pixel_values": image, "task": task})
         return collator(batch)
@@ -608,6 +627,7 @@ def main(argv=None):
         "steps": step, "train_seconds": round(train_seconds, 1), "params": n_params,
         "images_seen": seen["generate"], "captioned_images_seen": seen["caption"],
         "edit_samples_seen": seen["edit"], "interleaved_samples_seen": seen["interleaved"],
+        "vqa_samples_seen": seen["vqa"],
         **{f"final_{k}": float(np.nanmean([h[k] for h in history[-window:]])) for k in ("lm_loss", "diffusion_loss")},
         **{f"first_{k}": float(np.nanmean([h[k] for h in history[:window]])) for k in ("lm_loss", "diffusion_loss")},
     }

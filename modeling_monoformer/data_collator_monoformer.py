@@ -66,9 +66,11 @@ class MonoFormerDataCollator:
     - `"generate"` (default with an image): `text <boi> <image>... <eoi>`; the image is noised (diffusion loss), the
       text is dropped with probability `cfg_dropout` (classifier-free guidance), and with `caption_word_dropout` each
       word of a kept prompt is dropped on its own (at least one stays), so the image cannot key on one wording;
-    - `"caption"`: `<boi> <image>... <eoi> text <eos>`; the image is clean (`t = 0`), or with `caption_max_noise`
-      noised at a capped timestep (Transfusion: `t <= 0.5 T`; it then has a diffusion target too), and the LM learns
-      the caption;
+    - `"caption"`: `<boi> <image>... <eoi> [prompt] text <eos>`; the image is clean (`t = 0`), or with
+      `caption_max_noise` noised at a capped timestep (Transfusion: `t <= 0.5 T`; it then has a diffusion target too),
+      and the LM learns the caption. An optional `"prompt"` (a question, for VQA: `"What is this?"` with `text` the
+      answer, `" A sneaker."`) comes between the image and `text` and is conditioning, not a target (labels -100);
+      `text` must then start where a token starts (e.g. with a space), so the prompt's tokens are a prefix;
     - `"edit"`: `<boi> source <eoi> instruction <boi> target <eoi>`; the sample also has `"source"` (a tensor like the
       target), read clean; the target is noised. The instruction is conditioning, not a target (labels -100 up to and
       including the target's `<boi>`: the pipeline starts the edited image, the model never has to). Instruction and
@@ -191,7 +193,7 @@ class MonoFormerDataCollator:
         if task == "generate":
             return ("" if self._drop(generator) else self._drop_words(text, generator)) + image_token, [image], [1.0]
         if task == "caption":
-            return image_token + text + eos, [image], [self.caption_max_noise]
+            return image_token + str(sample.get("prompt") or "") + text + eos, [image], [self.caption_max_noise]
         if sample.get("source") is None:  # edit
             raise ValueError(f"Sample {index} has task 'edit' but no `source` image.")
         source = self._as_image(sample["source"], "source", index)
@@ -223,9 +225,20 @@ class MonoFormerDataCollator:
                 latents[i], timesteps[i], targets[i] = x_t[j], t[j], target[j]
         return timesteps, latents, targets
 
+    def _prompt_end(self, ids: torch.Tensor, prompt: str, index: int) -> int:
+        """The position just past a caption sample's prompt (it follows the image's `<eoi>`)."""
+        start = int((ids == self.processor.eoi_token_id).nonzero()[0]) + 1
+        prompt_ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if ids[start : start + len(prompt_ids)].tolist() != list(prompt_ids):
+            raise ValueError(
+                f"Sample {index}: its `prompt` {prompt!r} does not tokenize to a prefix of the text after the image "
+                "(the tokenizer merged it with the start of `text`): start `text` with a space or punctuation."
+            )
+        return start + len(prompt_ids)
+
     def __call__(self, samples: list[dict]) -> dict:
         f = self.processor.vae_scale_factor
-        texts, sizes, images, caps, generators, edit_rows = [], [], [], [], [], []
+        texts, sizes, images, caps, generators, edit_rows, prompt_rows = [], [], [], [], [], [], []
         for i, sample in enumerate(samples):
             generator = None
             if sample.get("seed") is not None:
@@ -238,6 +251,8 @@ class MonoFormerDataCollator:
             generators += [generator] * len(sample_images)
             if sample.get("task") == "edit":
                 edit_rows.append(i)
+            if sample.get("task") == "caption" and sample.get("prompt"):
+                prompt_rows.append((i, str(sample["prompt"])))
 
         batch = self.processor(text=texts, image_sizes=sizes, padding=True, padding_side="right")
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -255,6 +270,8 @@ class MonoFormerDataCollator:
         for row in edit_rows:
             target_boi = int((input_ids[row] == self.processor.boi_token_id).nonzero()[-1])
             labels[row, : target_boi + 1] = -100
+        for row, prompt in prompt_rows:  # a caption's question is conditioning: the LM learns the answer only
+            labels[row, : self._prompt_end(input_ids[row], prompt, row)] = -100
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if not images:
             return out

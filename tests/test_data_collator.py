@@ -230,6 +230,33 @@ def test_caption_images_are_clean_or_noised_under_the_cap(pixel_model_and_proces
         MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", caption_max_noise=1.5)
 
 
+def test_caption_prompt_is_conditioning_and_the_answer_is_the_target(pixel_model_and_processor):
+    model, processor = pixel_model_and_processor
+    collator = MonoFormerDataCollator(processor, DDPMScheduler(), "epsilon", seed=0)
+    img = torch.rand(1, 4, 4) * 2 - 1
+    batch = collator([
+        {"text": " It is a coat.", "prompt": "What is this?", "pixel_values": img, "task": "caption"},
+        {"text": "a coat", "pixel_values": img, "task": "caption"},
+    ])
+    ids, labels, tok = batch["input_ids"], batch["labels"], processor.tokenizer
+    eoi = int((ids[0] == processor.eoi_token_id).nonzero()[0])
+    n_prompt = len(tok("What is this?", add_special_tokens=False)["input_ids"])
+    # the question is read, not learnt; every answer token (and <eos>) is learnt
+    assert tok.decode(ids[0, eoi + 1 : eoi + 1 + n_prompt]) == "What is this?"
+    assert (labels[0, : eoi + 1 + n_prompt] == -100).all()
+    answer = labels[0][labels[0] != -100]
+    assert tok.decode(answer, skip_special_tokens=True) == " It is a coat."
+    assert answer[-1] == tok.eos_token_id
+    # a caption without a prompt is unchanged: all its text is the target
+    caption = labels[1][labels[1] != -100]
+    assert tok.decode(caption, skip_special_tokens=True) == "a coat"
+    assert torch.isfinite(model(**batch).loss)
+    # a prompt whose trailing space the byte-level BPE merges into the answer's first word cannot be split cleanly:
+    # a clear error, not a wrong mask
+    with pytest.raises(ValueError, match="`prompt`.*start `text` with a space"):
+        collator([{"text": "dress", "prompt": "What is this? a ", "pixel_values": img, "task": "caption"}])
+
+
 def test_edit_layout_source_clean_instruction_unlabelled_target_noised(pixel_model_and_processor):
     model, processor = pixel_model_and_processor
     source, target = torch.rand(1, 4, 4) * 2 - 1, torch.rand(1, 4, 4) * 2 - 1

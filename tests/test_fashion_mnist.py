@@ -215,6 +215,13 @@ def test_edit_samples_are_built_from_real_data():
     assert kinds == {"flip", "invert", "turn"}
     sample = recipe.make_interleaved_sample(rng, images[3], 3, "<image>")
     assert sample["text"].count("<image>") == 1 and sample["text"].count("a dress") == 2
+    questions = set()
+    for _ in range(30):
+        vqa = recipe.make_vqa_sample(rng, images[7], 7)
+        assert vqa["task"] == "caption" and torch.equal(vqa["pixel_values"], images[7])
+        assert vqa["text"] == " It is a sneaker." and recipe.caption_class(vqa["text"]) == 7
+        questions.add(vqa["prompt"])
+    assert questions == set(recipe.VQA_QUESTIONS)
 
 
 def test_recipe_mixes_edit_and_interleaved_samples_behind_flags(tmp_path):
@@ -222,11 +229,14 @@ def test_recipe_mixes_edit_and_interleaved_samples_behind_flags(tmp_path):
     tiny = [
         "--subset", "64", "--max_steps", "3", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
         "--vocab_size", "400", "--batch_size", "16", "--text_fraction", "0", "--sample_steps", "2",
-        "--warmup_steps", "1", "--edit_fraction", "0.3", "--interleaved_fraction", "0.3", "--caption_max_noise", "0.5",
-        "--output_dir", str(tmp_path),
+        "--warmup_steps", "1", "--edit_fraction", "0.25", "--interleaved_fraction", "0.25", "--vqa_fraction", "0.25",
+        "--caption_max_noise", "0.5", "--output_dir", str(tmp_path),
     ]
     summary = recipe.main(tiny)
     assert summary["edit_samples_seen"] > 0 and summary["interleaved_samples_seen"] > 0
+    assert summary["vqa_samples_seen"] > 0
+    with pytest.raises(ValueError, match="--vqa_fraction"):
+        recipe.main(tiny[:-2] + ["--vqa_fraction", "0.5", "--output_dir", str(tmp_path / "x")])
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     source = torch.rand(1, 1, 28, 28)
