@@ -158,7 +158,7 @@ def peer_prompt(peer, text_ids: torch.Tensor) -> torch.Tensor:
 
 
 def peer_sample_kwargs(args) -> dict:
-    grid = args.image // args.patch
+    grid = args.image // args.peer_patch  # the peer's own patch grid, whatever ours is (--patch 7 with the U-Net)
     # max_length one below the image's length: the loop stops right after the image instead of sampling text.
     return dict(max_length=grid * grid - 1, fixed_modality_shape=(grid, grid), modality_steps=args.modality_steps)
 
