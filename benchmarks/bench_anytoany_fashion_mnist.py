@@ -17,8 +17,8 @@ Everything is scored on held-out Fashion-MNIST test images with the independent 
   class. Each next to the do-nothing baseline (the source returned unchanged) and to text-only guidance
   (`image_guidance_scale=1`: the source in both CFG branches).
 
-All image sampling uses the checkpoint's scheduler and the recipe's sampler defaults (14 steps, guidance 4 on the
-middle half of the steps). Timings on a shared CPU are indicative only.
+All image sampling uses the checkpoint's scheduler and the recipe's sampler defaults (`SAMPLER_DEFAULTS`: 20 steps,
+guidance 4 on the middle half of the steps). Timings on a shared CPU are indicative only.
 
     python benchmarks/bench_anytoany_fashion_mnist.py                       # the shipped checkpoint
     python benchmarks/bench_anytoany_fashion_mnist.py --num_captions 200 --runs_per_class 2 --edits_per_type 20

@@ -8,6 +8,9 @@ One set of weights does all three. The checkpoint (`examples/monoformer-fashion-
     python examples/generate.py                                  # outputs/samples.png: one row per class
     python examples/generate.py --prompt "a photo of a sneaker" --seed 3 --steps 30 --output outputs/sneakers.png
 
+The sampler is the checkpoint's own (its saved scheduler, step count and guider) unless `--steps`, `--guidance_scale`,
+`--guidance_start` or `--guidance_stop` override it for this run.
+
 Captioning reads the Fashion-MNIST test set (`apt-get install -y dataset-fashion-mnist`); without it that part is
 skipped with a note.
 """
@@ -38,10 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=None, help="one prompt (default: one row per Fashion-MNIST class)")
     parser.add_argument("--per_prompt", type=int, default=8, help="images per prompt (grid columns)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=14, help="denoising steps of the checkpoint's scheduler")
-    parser.add_argument("--guidance_scale", type=float, default=4.0)
-    parser.add_argument("--guidance_start", type=float, default=0.25, help="first guided step, fraction of --steps")
-    parser.add_argument("--guidance_stop", type=float, default=0.75, help="end of the guided steps, fraction of --steps")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="default: the checkpoint's guider")
+    parser.add_argument("--guidance_start", type=float, default=None, help="first guided step, fraction of the steps")
+    parser.add_argument("--guidance_stop", type=float, default=None, help="end of the guided steps, fraction")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16 pays off where the CPU/GPU computes it natively (AVX512-BF16/AMX, CUDA sm80+; "
                         "`modeling_monoformer.bf16_supported()` tells)")
@@ -111,16 +114,23 @@ def main(argv=None):
     # 1. text -> image: one row per prompt
     prompts = [args.prompt] if args.prompt else [PROMPT_TEMPLATE.format(n) for n in CLASS_NAMES]
     t0 = time.time()
+    overrides = {name: value for name, value in (
+        ("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale),
+        ("guidance_start", args.guidance_start), ("guidance_stop", args.guidance_stop),
+    ) if value is not None}
     images = pipe(
-        prompts, num_images_per_prompt=args.per_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, guidance_start=args.guidance_start, guidance_stop=args.guidance_stop,
-        generator=torch.Generator().manual_seed(args.seed), output_type="np",
+        prompts, num_images_per_prompt=args.per_prompt, generator=torch.Generator().manual_seed(args.seed),
+        output_type="np", **overrides,
     ).images
     labels = [p.removeprefix("a photo of ") for p in prompts]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     labelled_grid(images[..., 0], labels, args.per_prompt).save(args.output)
-    print(f"wrote {args.output}: {len(images)} images, {args.steps} steps, guidance {args.guidance_scale} "
-          f"({time.time() - t0:.1f} s)")
+    steps = args.steps or pipe.config.default_num_inference_steps
+    sampler = f"{type(pipe.scheduler).__name__}, {steps} steps, " + (
+        f"guidance {args.guidance_scale}" if "guidance_scale" in overrides else f"{type(pipe.guider).__name__}("
+        f"{pipe.guider.config.guidance_scale}, start={pipe.guider.config.start}, stop={pipe.guider.config.stop})"
+    )
+    print(f"wrote {args.output}: {len(images)} images, {sampler} ({time.time() - t0:.1f} s)")
 
     # 2. image -> text
     if args.num_captions:

@@ -175,6 +175,11 @@ class MonoFormerDataCollator:
         task = sample.get("task") or ("generate" if image is not None else "text")
         if task not in TASKS:
             raise ValueError(f"Sample {index}: `task` must be one of {TASKS}, got {task!r}.")
+        if sample.get("prompt") and task != "caption":
+            raise ValueError(
+                f"Sample {index} has a `prompt` but task {task!r}: a prompt (a question about the image) belongs to "
+                "a `\"task\": \"caption\"` sample; for text-to-image put the prompt in `text`."
+            )
         if task == "text":
             return text + eos, [], []
         if task == "interleaved":
@@ -225,16 +230,16 @@ class MonoFormerDataCollator:
                 latents[i], timesteps[i], targets[i] = x_t[j], t[j], target[j]
         return timesteps, latents, targets
 
-    def _prompt_end(self, ids: torch.Tensor, prompt: str, index: int) -> int:
-        """The position just past a caption sample's prompt (it follows the image's `<eoi>`)."""
-        start = int((ids == self.processor.eoi_token_id).nonzero()[0]) + 1
-        prompt_ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if ids[start : start + len(prompt_ids)].tolist() != list(prompt_ids):
+    def _prompt_end(self, ids: torch.Tensor, prompt: str, sizes: list, index: int) -> int:
+        """The length of a caption sample's conditioning, `[bos] <boi> image <eoi> prompt`, tokenized in the same
+        context as in the row (so tokenizers that treat a segment's first word differently agree)."""
+        prefix = self.processor(text=[self.processor.image_token + prompt], image_sizes=[sizes])["input_ids"][0]
+        if ids[: len(prefix)].tolist() != prefix.tolist():
             raise ValueError(
                 f"Sample {index}: its `prompt` {prompt!r} does not tokenize to a prefix of the text after the image "
                 "(the tokenizer merged it with the start of `text`): start `text` with a space or punctuation."
             )
-        return start + len(prompt_ids)
+        return len(prefix)
 
     def __call__(self, samples: list[dict]) -> dict:
         f = self.processor.vae_scale_factor
@@ -271,7 +276,7 @@ class MonoFormerDataCollator:
             target_boi = int((input_ids[row] == self.processor.boi_token_id).nonzero()[-1])
             labels[row, : target_boi + 1] = -100
         for row, prompt in prompt_rows:  # a caption's question is conditioning: the LM learns the answer only
-            labels[row, : self._prompt_end(input_ids[row], prompt, row)] = -100
+            labels[row, : self._prompt_end(input_ids[row], prompt, sizes[row], row)] = -100
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if not images:
             return out

@@ -251,10 +251,22 @@ def test_caption_prompt_is_conditioning_and_the_answer_is_the_target(pixel_model
     caption = labels[1][labels[1] != -100]
     assert tok.decode(caption, skip_special_tokens=True) == "a coat"
     assert torch.isfinite(model(**batch).loss)
+    # a shorter prompted row that is not the first one, padded on the right: its own boundary
+    batch = collator([
+        {"text": "a photo of a pair of trousers and a dress", "pixel_values": img, "task": "caption"},
+        {"text": " A bag.", "prompt": "Which?", "pixel_values": img, "task": "caption"},
+    ])
+    learnt = batch["labels"][1][batch["labels"][1] != -100]
+    assert tok.decode(learnt, skip_special_tokens=True) == " A bag."
     # a prompt whose trailing space the byte-level BPE merges into the answer's first word cannot be split cleanly:
-    # a clear error, not a wrong mask
+    # a clear error, not a wrong mask (the merge is real for this tokenizer: checked first)
+    alone, joined = (tok(t, add_special_tokens=False)["input_ids"] for t in ("What is this? a ", "What is this? a dress"))
+    assert joined[: len(alone)] != alone
     with pytest.raises(ValueError, match="`prompt`.*start `text` with a space"):
         collator([{"text": "dress", "prompt": "What is this? a ", "pixel_values": img, "task": "caption"}])
+    # a prompt on another task would be silently dropped (or train as an image prompt): refused
+    with pytest.raises(ValueError, match="`prompt` but task 'generate'"):
+        collator([{"text": " A cat.", "prompt": "What is this?", "pixel_values": img}])
 
 
 def test_edit_layout_source_clean_instruction_unlabelled_target_noised(pixel_model_and_processor):

@@ -69,7 +69,7 @@ def test_shipped_checkpoint_call_defaults_are_its_tuned_sampler(pipe):
     """`pipe(prompt)` with no sampler arguments is, bit for bit, the call the README's numbers were measured with."""
     defaults = recipe.SAMPLER_DEFAULTS
     guider = pipe.guider.config
-    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # the sweep's choice (README)
     assert pipe.config.default_num_inference_steps == defaults["num_inference_steps"]
     assert (guider.guidance_scale, guider.start, guider.stop) == (
         defaults["guidance_scale"], defaults["guidance_start"], defaults["guidance_stop"]
@@ -109,15 +109,12 @@ def test_shipped_checkpoint_captions_and_writes_text(pipe):
     assert out.shape == (1, text["input_ids"].shape[1] + 5)
 
 
-def test_generate_script_samples_with_the_recipe_defaults():
+def test_generate_script_samples_with_the_checkpoints_saved_sampler():
     import generate
 
     args = generate.parse_args([])
-    assert args.steps == recipe.SAMPLER_DEFAULTS["num_inference_steps"]
-    assert args.guidance_scale == recipe.SAMPLER_DEFAULTS["guidance_scale"]
-    assert (args.guidance_start, args.guidance_stop) == (
-        recipe.SAMPLER_DEFAULTS["guidance_start"], recipe.SAMPLER_DEFAULTS["guidance_stop"]
-    )
+    # no second copy of the sampler settings: the script leaves them to the checkpoint's saved ones
+    assert (args.steps, args.guidance_scale, args.guidance_start, args.guidance_stop) == (None, None, None, None)
     assert not recipe.parse_args(["--output_dir", "x"]).hflip  # Fashion-MNIST's shoes all face left
 
 
