@@ -508,6 +508,7 @@ def main(argv=None):
                  args.vqa_fraction]
     if any(fractions[2:]):  # only then: the default recipe keeps its exact tokenizer
         captions += edit_and_interleaved_corpus()
+    bounds = np.cumsum(fractions)  # a draw r in [0, 1) picks the task whose share it falls in
     if any(f < 0 for f in fractions) or sum(fractions) > 1:
         raise ValueError("--text_fraction, --caption_fraction, --edit_fraction, --interleaved_fraction and "
                          "--vqa_fraction must be >= 0 and sum to <= 1 (the rest is text-to-image).")
@@ -555,7 +556,6 @@ def main(argv=None):
             image = images[i]
             if args.hflip and rng.random() < 0.5:  # off by default: every shoe in Fashion-MNIST faces left
                 image = image.flip(-1)
-            bounds = np.cumsum(fractions)
             task = ("caption" if r < bounds[1] else "edit" if r < bounds[2] else "interleaved" if r < bounds[3]
                     else "vqa" if r < bounds[4] else "generate")
             seen[task] += 1
