@@ -256,7 +256,7 @@ class MonoFormerDataCollator:
             generators += [generator] * len(sample_images)
             if sample.get("task") == "edit":
                 edit_rows.append(i)
-            if sample.get("task") == "caption" and sample.get("prompt"):
+            if sample.get("prompt"):  # `_layout` allows a prompt on caption samples only
                 prompt_rows.append((i, str(sample["prompt"])))
 
         batch = self.processor(text=texts, image_sizes=sizes, padding=True, padding_side="right")
