@@ -32,6 +32,7 @@ Run it on a quiet machine: both training budgets are wall-clock.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -160,6 +161,8 @@ class Scorer:
 # ---------------------------------------------------------------------------------------------------------- ours
 SCHEDULERS = {
     "euler": lambda cfg: FlowMatchEulerDiscreteScheduler.from_config(cfg),
+    # x0-prediction re-noised with fresh noise at every step (diffusers' `stochastic_sampling`)
+    "euler-sde": lambda cfg: FlowMatchEulerDiscreteScheduler.from_config(cfg, stochastic_sampling=True),
     "heun": lambda cfg: FlowMatchHeunDiscreteScheduler.from_config(cfg),
     "dpm": lambda cfg: DPMSolverMultistepScheduler(
         use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=cfg.get("shift", 1.0)
@@ -170,14 +173,21 @@ SCHEDULERS = {
 }
 
 
-def set_scheduler(pipe, name: str | None) -> None:
-    """Swap the pipeline's scheduler (flow-matching models); `None` keeps the checkpoint's."""
-    if name is None:
+def set_scheduler(pipe, name: str | None, shift: float | None = None) -> None:
+    """Swap the pipeline's scheduler (flow-matching models); `None` keeps the checkpoint's. `shift`: the flow time
+    shift (sigma -> shift*sigma / (1 + (shift-1)*sigma); > 1 spends more steps at high noise), `None` keeps it."""
+    if name is None and shift is None:
         return
     if pipe.model.config.prediction_type != "flow":
-        raise ValueError(f"--scheduler {name} is for flow models; this checkpoint predicts "
-                         f"{pipe.model.config.prediction_type!r}: leave --scheduler unset.")
-    pipe.scheduler = SCHEDULERS[name](pipe.scheduler.config)
+        raise ValueError(f"--scheduler/--shift are for flow models; this checkpoint predicts "
+                         f"{pipe.model.config.prediction_type!r}: leave them unset.")
+    cfg = dict(pipe.scheduler.config)
+    if shift is not None:
+        cfg["shift"] = shift
+    if name is None:
+        pipe.scheduler = type(pipe.scheduler).from_config(cfg)
+    else:
+        pipe.scheduler = SCHEDULERS[name](cfg)
 
 
 def sample_ours(pipe, per_class: int, steps: int, guidance: float, interval=(0.0, 1.0), batch: int = 100) -> dict:
@@ -341,11 +351,12 @@ def print_image_table(results: dict, scorer: Scorer) -> None:
 def sweep(pipe, scorer: Scorer, args) -> list[dict]:
     """One row per (scheduler, steps, guidance, interval): the sampler-settings table (NFE measured); returns the rows."""
     rows = []
-    print(f"\n| scheduler | steps | guidance | guided steps | NFE/image | class acc | weakest class | "
-          f"FD (floor {scorer.fd_floor:.2f}) | diversity | s/image |\n|---|---|---|---|---|---|---|---|---|---|",
+    print(f"\n| scheduler | shift | steps | guidance | guided steps | NFE/image | class acc | weakest class | "
+          f"FD (floor {scorer.fd_floor:.2f}) | diversity | s/image |\n|---|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
-    for name in args.sweep_schedulers:
-        set_scheduler(pipe, name)
+    for name, shift in itertools.product(args.sweep_schedulers, args.sweep_shifts):
+        set_scheduler(pipe, name, shift)
+        shift = pipe.scheduler.config.get("shift", 1.0)
         for steps in args.sweep_steps:
             for guidance in args.sweep_guidance:
                 for interval in args.sweep_intervals:
@@ -353,10 +364,11 @@ def sweep(pipe, scorer: Scorer, args) -> list[dict]:
                     ours = sample_ours(pipe, args.per_class, steps, guidance, (start, stop))
                     r = scorer.score(ours["images"], ours["labels"])
                     weakest = int(np.argmin(r["per_class_acc"]))
-                    print(f"| {name} | {steps} | {guidance:g} | {start:g}-{stop:g} | {ours['nfe']:g} | "
+                    print(f"| {name} | {shift:g} | {steps} | {guidance:g} | {start:g}-{stop:g} | {ours['nfe']:g} | "
                           f"{r['class_acc']:.3f} | {SHORT_NAMES[weakest]} {r['per_class_acc'][weakest]:.2f} | "
                           f"{r['fd']:.2f} | {np.mean(r['diversity']):.2f} | {ours['s_per_image']:.3f} |", flush=True)
-                    rows.append({"scheduler": name, "steps": steps, "guidance_scale": guidance, "guidance_start": start,
+                    rows.append({"scheduler": name, "shift": shift, "steps": steps, "guidance_scale": guidance,
+                                 "guidance_start": start,
                                  "guidance_stop": stop, "nfe": ours["nfe"], "class_acc": r["class_acc"],
                                  "per_class_acc": r["per_class_acc"], "fd": r["fd"], "fd_floor": scorer.fd_floor,
                                  "diversity": float(np.mean(r["diversity"])), "s_per_image": ours["s_per_image"]})
@@ -398,6 +410,8 @@ def main():
     parser.add_argument("--sweep", action="store_true",
                         help="sampler settings table: schedulers x steps x guidance scales (images only)")
     parser.add_argument("--sweep_schedulers", nargs="+", default=["euler", "dpm", "unipc", "heun"])
+    parser.add_argument("--sweep_shifts", nargs="+", type=float, default=[None],
+                        help="flow time shifts to try (default: the checkpoint's)")
     parser.add_argument("--sweep_steps", nargs="+", type=int, default=[14])
     parser.add_argument("--sweep_guidance", nargs="+", type=float, default=[2.0, 3.0, 4.0])
     parser.add_argument("--sweep_intervals", nargs="+", default=["0-1"],

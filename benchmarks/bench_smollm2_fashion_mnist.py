@@ -11,6 +11,9 @@ Every number comes from real data and the independent Fashion-MNIST classifier o
 - **Words never trained on**: `PARAPHRASES`, everyday names, plurals and other phrasings of each class (none of them
   appears in training, where captions are exactly four templates x the ten class names). Class accuracy for each
   model in this run, overall and per class.
+- **What the LLM knows of those words** (`--skip probe` to leave out): per layer, the frozen LLM's hidden states of
+  each held-out prompt classified by the nearest class centroid of the training prompts; no training, no image. The
+  ceiling the image path could read from the text, next to what it does read (the previous item).
 - **Captioning**: greedy captions of `--num_captions` test images (image first); correct when the caption names the
   image's class.
 - **Speed**: sampling seconds per image at the defaults (this run); training steps/s and tokens/s from the run's
@@ -38,7 +41,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_quality_fashion_mnist import Scorer, batched, caption_accuracy  # noqa: E402
 from build_smollm2_pipeline import find_smollm2_gguf  # noqa: E402
-from train_fashion_mnist import CLASS_NAMES, SAMPLE_PROMPT_TEMPLATE, load_austen_texts, load_fashion_mnist  # noqa: E402
+from train_fashion_mnist import (  # noqa: E402
+    CAPTION_TEMPLATES,
+    CLASS_NAMES,
+    SAMPLE_PROMPT_TEMPLATE,
+    load_austen_texts,
+    load_fashion_mnist,
+)
 
 # Held-out wordings, one list per class in label order. Never used in training (the training captions are
 # CAPTION_TEMPLATES x CLASS_NAMES), and each prompt frame ("an image of", "show me", ...) is new too.
@@ -121,6 +130,44 @@ def text_kept(model, llm, tokenizer, windows: int, new_tokens: int) -> dict:
             "tokens": count, "max_abs_logit_diff": max_diff, "continuations": continuations}
 
 
+@torch.no_grad()
+def paraphrase_probe(llm, tokenizer) -> dict:
+    """What the frozen LLM's own hidden states say about `PARAPHRASES`: the ceiling the image path could read.
+
+    Per layer, each prompt becomes its hidden states averaged over its tokens ("mean") or its last token's ("last"),
+    centred on the training prompts' mean; a paraphrase is classified by the nearest class centroid (cosine) of the
+    forty training prompts (`CAPTION_TEMPLATES` x `CLASS_NAMES`). No training, no image: chance is 0.10."""
+    def features(prompts):
+        per_layer = {"mean": [], "last": []}
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(llm.device)
+            states = llm(input_ids=ids, output_hidden_states=True).hidden_states
+            hidden = torch.stack(states)[:, 0].float()  # (L+1, T, D)
+            per_layer["mean"].append(hidden.mean(1))
+            per_layer["last"].append(hidden[:, -1])
+        return {k: torch.stack(v, 1) for k, v in per_layer.items()}  # (L+1, prompts, D)
+
+    train_prompts = [t.format(n) for t in CAPTION_TEMPLATES for n in CLASS_NAMES]
+    train_labels = torch.tensor([c for _ in CAPTION_TEMPLATES for c in range(10)])
+    held_prompts = [p for phrases in PARAPHRASES for p in phrases]
+    held_labels = torch.tensor([c for c, phrases in enumerate(PARAPHRASES) for _ in phrases])
+    train, held = features(train_prompts), features(held_prompts)
+    out = {}
+    for pool in ("mean", "last"):
+        preds = []
+        for layer in range(train[pool].shape[0]):
+            x, y = train[pool][layer], held[pool][layer]
+            centre = x.mean(0)
+            cents = torch.stack([(x - centre)[train_labels == c].mean(0) for c in range(10)])
+            cents = torch.nn.functional.normalize(cents, dim=-1)
+            preds.append((torch.nn.functional.normalize(y - centre, dim=-1) @ cents.T).argmax(1))
+        accs = [(pred == held_labels).float().mean().item() for pred in preds]
+        best = max(range(len(accs)), key=accs.__getitem__)
+        out[pool] = {"by_layer": accs, "best_layer": best, "best": accs[best],
+                     "best_per_class": [(preds[best][held_labels == c] == c).float().mean().item() for c in range(10)]}
+    return out
+
+
 def save_grid(images: torch.Tensor, rows: int, path: str) -> None:
     """`images` (rows * cols, 1, H, W) in [-1, 1] -> one PNG, `rows` rows."""
     from PIL import Image
@@ -151,7 +198,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the pipelines run (e.g. cuda); scoring stays on CPU. "
                         "Measure text on CPU: GPU kernels may differ between the two models' attention paths")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["text", "images", "paraphrase", "captions"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["text", "probe", "images", "paraphrase", "captions"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,20 +208,30 @@ def main():
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     scorer = Scorer(train, test)
 
-    if "text" not in args.skip:
+    if "text" not in args.skip or "probe" not in args.skip:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = args.llm or find_smollm2_gguf()
         folder, name = os.path.split(source) if source.endswith(".gguf") else (source, None)
         llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+    if "probe" not in args.skip:
+        probe = paraphrase_probe(llm, tokenizer)
+        results["probe"] = probe
+        print("\nWhat the frozen LLM's hidden states know of the held-out wordings (nearest class centroid of the 40 "
+              "training prompts, chance 0.10), by layer:")
+        for pool, r in probe.items():
+            print(f"  {pool:>4}: " + " ".join(f"{a:.2f}" for a in r["by_layer"]) + f"   best: layer {r['best_layer']} "
+                  f"{r['best']:.3f}, per class " + " ".join(f"{a:.2f}" for a in r["best_per_class"]))
+
+    if "text" not in args.skip:
         kept = text_kept(pipe.model, llm, tokenizer, args.ppl_windows, args.new_tokens)
         results["text"] = kept
         print(f"\nText kept (Persuasion, {kept['tokens']} tokens): perplexity LLM {kept['ppl_llm']:.3f}, "
               f"MonoFormer {kept['ppl_monoformer']:.3f}; max |logit diff| {kept['max_abs_logit_diff']:.3g}")
         for c in kept["continuations"]:
             print(f"  {'identical' if c['identical'] else 'DIFFERENT'}: {c['prompt']!r} -> {c['monoformer']!r}")
-        del llm
 
     if "images" not in args.skip:
         prompts = [SAMPLE_PROMPT_TEMPLATE.format(n) for n in CLASS_NAMES]
