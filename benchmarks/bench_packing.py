@@ -1,8 +1,14 @@
 """Packing: training tokens/s with samples packed into rows (block-diagonal hybrid mask, positions restarting per
-sample) vs padded batches, on a length-skewed mix (many short captions + images, a few long texts). The loss on the
-same samples is checked to be identical. Target: packed >= 1.5x the padded tokens/s.
+sample) vs padded batches. The loss on the same samples is checked to be identical. Two mixes:
+
+- `--mix skewed` (default): many short captions + images and a few long texts, a random Llama dim 256 x 4.
+  Target: packed >= 1.5x the padded tokens/s.
+- `--mix demo`: the shipped Fashion-MNIST demo's own training mix (its model, tokenizer and task shares from its
+  `train_args.json`: edits with two images, interleaved, VQA, captions, Austen, text-to-image; real images), as
+  `examples/train_fashion_mnist.py` draws it, padded vs `--pack_length` rows: the recipe's `--pack_length` option.
 
     python benchmarks/bench_packing.py [--attn sdpa|flex_attention]
+    python benchmarks/bench_packing.py --mix demo --threads 2 --pack_lengths 0 192 256
 """
 
 import argparse
@@ -24,12 +30,89 @@ from timing import header, interleaved
 WORDS = "the a photo of sneaker boot bag coat dress shirt it is truth universally acknowledged single man".split()
 
 
+def demo_mix(args) -> None:
+    """Padded vs packed training steps on the demo recipe's mix, several different batches (one round = all of them)."""
+    import json
+    import pathlib
+    import sys
+
+    import numpy as np
+
+    from modeling_monoformer import MonoFormerPipeline, default_noise_scheduler
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    from train_fashion_mnist import CLASS_NAMES, draw_samples, load_austen_texts, load_fashion_mnist
+
+    pipe = MonoFormerPipeline.from_pretrained(args.checkpoint)
+    model, processor = pipe.model, pipe.processor
+    model.set_attn_implementation(args.attn)
+    recipe = json.loads((pathlib.Path(args.checkpoint) / "train_args.json").read_text())
+    shares = [recipe.get(k, 0.0) for k in ("text_fraction", "caption_fraction", "edit_fraction",
+                                           "interleaved_fraction", "vqa_fraction")]
+    images, labels = load_fashion_mnist("train")
+    texts = load_austen_texts(split="train") if shares[0] else []
+    by_class = [torch.nonzero(labels == c).squeeze(-1).tolist() for c in range(len(CLASS_NAMES))]
+    collator = MonoFormerDataCollator(processor, default_noise_scheduler(model.config.prediction_type),
+                                      model.config.prediction_type, seed=0,
+                                      caption_max_noise=recipe.get("caption_max_noise"))
+    rng = random.Random(0)
+    padded = [collator(draw_samples(rng, args.batch, np.cumsum(shares), images, labels, by_class, texts,
+                                    processor.image_token)) for _ in range(args.batches)]
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in padded)
+    layouts = {}
+    for length in args.pack_lengths:
+        if length == 0:
+            layouts["padded"] = padded
+            continue
+        layouts[f"packed {length}"] = [
+            pack_batch(b, max(length, int(b["attention_mask"].sum(1).max())), processor.tokenizer.pad_token_id)
+            for b in padded
+        ]
+    model.eval()
+    with torch.no_grad():
+        ref = [model(**b) for b in padded]
+        worst = max(max((a.lm_loss - o.lm_loss).abs().item(), (a.diffusion_loss - o.diffusion_loss).abs().item())
+                    for name, bs in layouts.items() for a, o in zip(ref, [model(**b) for b in bs]))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: every layout trains the same weights every round
+
+    def steps(batches):
+        for batch in batches:
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    res = interleaved({name: (lambda bs=bs: steps(bs)) for name, bs in layouts.items()}, rounds=args.rounds)
+    header(f"Packing on the demo recipe's mix ({args.checkpoint}): {args.batches} batches x {args.batch} samples, "
+           f"task shares text/caption/edit/interleaved/vqa {shares}, {real_tokens} real tokens, attn {args.attn}")
+    print(f"largest |loss padded - packed| over all batches and layouts: {worst:.2e}")
+    print(f"{'layout':<12} {'tokens computed':>15} {'rows/batch':>10} {'min s/step':>10} {'real tokens/s':>14} "
+          f"{'vs padded':>9}")
+    for name, (mn, _) in res.items():
+        computed = sum(b["input_ids"].numel() for b in layouts[name])
+        rows = sum(b["input_ids"].shape[0] for b in layouts[name]) / args.batches
+        print(f"{name:<12} {computed:>15} {rows:>10.1f} {mn / args.batches:>10.3f} {real_tokens / mn:>14.0f} "
+              f"{res['padded'][0] / mn if 'padded' in res else float('nan'):>8.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mix", default="skewed", choices=["skewed", "demo"])
+    parser.add_argument("--checkpoint", default="examples/monoformer-fashion-mnist", help="--mix demo: the demo folder")
+    parser.add_argument("--batches", type=int, default=4, help="--mix demo: different batches per round")
+    parser.add_argument("--pack_lengths", nargs="+", type=int, default=[0, 192, 256],
+                        help="--mix demo: row lengths to compare (0 = padded)")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mix == "demo":
+        return demo_mix(args)
     random.seed(0)
     torch.manual_seed(0)
     from tests.conftest import make_tokenizer  # the small real BPE tokenizer the tests use

@@ -14,7 +14,9 @@ One Llama-style transformer learns three things with the same weights:
   `pipe(instruction, image=source)` work; visual questions (`--vqa_fraction`), `<image> "What is this?" " It is a
   sneaker."` with the question as conditioning (no LM loss on it; `VQA_QUESTIONS`); `--caption_max_noise 0.5` noises
   the captioned and questioned images (Transfusion).
-  Edit sources are training images; the benchmark edits held-out test images.
+  Edit sources are training images; the benchmark edits held-out test images. Edits are twice as long as the other
+  samples, so a padded batch computes mostly padding: `--pack_length N` packs the samples into rows of N tokens
+  instead (`pack_batch`, the same losses; `benchmarks/bench_packing.py --mix demo` measures the speed-up).
 
 Data (Debian packages, nothing downloaded from a hub):
 
@@ -94,6 +96,7 @@ from modeling_monoformer import (  # noqa: E402
     default_noise_scheduler,
     train_bpe_tokenizer,
 )
+from modeling_monoformer.packing_monoformer import pack_batch  # noqa: E402
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -175,6 +178,37 @@ def make_vqa_sample(rng: random.Random, image: torch.Tensor, label: int) -> dict
     """`<image> "What is this?" " It is a sneaker."`: a caption sample whose question is conditioning (no LM loss)."""
     return {"prompt": rng.choice(VQA_QUESTIONS), "text": VQA_ANSWER_TEMPLATE.format(CLASS_NAMES[label]),
             "pixel_values": image, "task": "caption"}
+
+
+def draw_samples(rng: random.Random, n: int, bounds, images: torch.Tensor, labels: torch.Tensor,
+                 by_class: list[list[int]], texts: list[str], image_token: str, hflip: bool = False,
+                 seen: dict | None = None) -> list[dict]:
+    """`n` training samples for the collator, each task drawn by its share: `bounds` are the cumulative shares of
+    text, caption, edit, interleaved and VQA samples (the rest is text-to-image); `seen` counts the image tasks."""
+    samples = []
+    for _ in range(n):
+        r = rng.random()
+        if r < bounds[0] and texts:
+            samples.append({"text": rng.choice(texts), "task": "text"})
+            continue
+        i = rng.randrange(len(images))
+        caption = rng.choice(CAPTION_TEMPLATES).format(CLASS_NAMES[int(labels[i])])
+        image = images[i]
+        if hflip and rng.random() < 0.5:  # off by default: every shoe in Fashion-MNIST faces left
+            image = image.flip(-1)
+        task = ("caption" if r < bounds[1] else "edit" if r < bounds[2] else "interleaved" if r < bounds[3]
+                else "vqa" if r < bounds[4] else "generate")
+        if seen is not None:
+            seen[task] += 1
+        if task == "edit":
+            samples.append(make_edit_sample(rng, images, labels, by_class, i))
+        elif task == "interleaved":
+            samples.append(make_interleaved_sample(rng, image, int(labels[i]), image_token))
+        elif task == "vqa":
+            samples.append(make_vqa_sample(rng, image, int(labels[i])))
+        else:
+            samples.append({"text": caption, "pixel_values": image, "task": task})
+    return samples
 
 
 def edit_and_interleaved_corpus() -> list[str]:
@@ -457,6 +491,10 @@ def parse_args(argv=None):
     group.add_argument("--warmup_steps", type=int, default=100)
     group.add_argument("--ema_decay", type=float, default=0.995)
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--pack_length", type=int, default=0,
+                       help="pack each batch's samples into rows of this many tokens (at least the longest sample; "
+                            "block-diagonal attention, the same loss as padding) instead of padding every sample to "
+                            "the longest: mixes of short captions and long edits waste less compute; 0 = pad")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     group.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "auto"],
                        help="bf16 autocast for forward/backward (weights, optimiser and EMA stay fp32); auto: bf16 "
@@ -545,29 +583,12 @@ def main(argv=None):
     seen = {"generate": 0, "caption": 0, "edit": 0, "interleaved": 0, "vqa": 0}  # samples trained on, per task
 
     def sample_batch() -> dict:
-        batch = []
-        for _ in range(args.batch_size):
-            r = rng.random()
-            if r < args.text_fraction and texts:
-                batch.append({"text": rng.choice(texts), "task": "text"})
-                continue
-            i = rng.randrange(len(images))
-            caption = rng.choice(CAPTION_TEMPLATES).format(CLASS_NAMES[int(labels[i])])
-            image = images[i]
-            if args.hflip and rng.random() < 0.5:  # off by default: every shoe in Fashion-MNIST faces left
-                image = image.flip(-1)
-            task = ("caption" if r < bounds[1] else "edit" if r < bounds[2] else "interleaved" if r < bounds[3]
-                    else "vqa" if r < bounds[4] else "generate")
-            seen[task] += 1
-            if task == "edit":
-                batch.append(make_edit_sample(rng, images, labels, by_class, i))
-            elif task == "interleaved":
-                batch.append(make_interleaved_sample(rng, image, int(labels[i]), processor.image_token))
-            elif task == "vqa":
-                batch.append(make_vqa_sample(rng, image, int(labels[i])))
-            else:
-                batch.append({"text": caption, "pixel_values": image, "task": task})
-        return collator(batch)
+        batch = collator(draw_samples(rng, args.batch_size, bounds, images, labels, by_class, texts,
+                                      processor.image_token, hflip=args.hflip, seen=seen))
+        if args.pack_length:
+            longest = int(batch["attention_mask"].sum(1).max())
+            batch = pack_batch(batch, max(args.pack_length, longest), pad_token_id=tokenizer.pad_token_id)
+        return batch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     budget = args.minutes * 60 if args.minutes is not None else float("inf")

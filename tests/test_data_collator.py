@@ -198,6 +198,33 @@ def test_packed_batch_gives_the_same_loss_as_padded(pixel_model_and_processor):
     assert torch.allclose(results["sdpa"], results["eager"], atol=1e-5)
 
 
+
+def test_packed_any_to_any_mix_gives_the_same_loss_as_padded(pixel_model_and_processor):
+    """The recipe's `--pack_length`: edits (a clean source and a noised target in one sample), interleaved text and
+    image, a question before an answer, text-to-image and plain text packed several to a row train on exactly the
+    losses of the padded batch."""
+    model, processor = pixel_model_and_processor
+    model.eval()
+    collator = MonoFormerDataCollator(processor, FlowMatchEulerDiscreteScheduler(), "flow", cfg_dropout=0.0, seed=0,
+                                      caption_max_noise=0.5)
+    img = lambda: torch.rand(1, 4, 4) * 2 - 1  # noqa: E731
+    samples = [
+        {"text": "flip it horizontally", "source": img(), "pixel_values": img(), "task": "edit"},
+        {"text": "a photo of a sneaker", "pixel_values": img()},
+        {"text": f"Show me a dress.{processor.image_token} Here is a dress.", "images": [img()], "task": "interleaved"},
+        {"text": " It is a coat.", "prompt": "What is this?", "pixel_values": img(), "task": "caption"},
+        {"text": "It is a truth universally acknowledged", "task": "text"},
+        {"text": "a bag", "pixel_values": img(), "task": "caption"},
+    ]
+    padded = collator(samples)
+    longest = int(padded["attention_mask"].sum(1).max())
+    packed = pack_batch(padded, max_length=2 * longest, pad_token_id=processor.tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(samples) and packed["input_ids"].numel() < padded["input_ids"].numel()
+    with torch.no_grad():
+        a, b = model(**padded), model(**packed)
+    assert torch.allclose(a.lm_loss, b.lm_loss, atol=1e-5)
+    assert torch.allclose(a.diffusion_loss, b.diffusion_loss, atol=1e-5)
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Any-to-any layouts: noise-capped captions, edits, interleaved samples
 # ----------------------------------------------------------------------------------------------------------------------
