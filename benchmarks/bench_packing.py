@@ -42,7 +42,7 @@ def demo_mix(args) -> None:
 
     root = pathlib.Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "examples"))
-    from train_fashion_mnist import CLASS_NAMES, draw_samples, load_austen_texts, load_fashion_mnist
+    from train_fashion_mnist import CLASS_NAMES, draw_samples, load_austen_texts, load_fashion_mnist, pack
 
     pipe = MonoFormerPipeline.from_pretrained(args.checkpoint)
     model, processor = pipe.model, pipe.processor
@@ -59,21 +59,14 @@ def demo_mix(args) -> None:
     rng = random.Random(0)
     padded = [collator(draw_samples(rng, args.batch, np.cumsum(shares), images, labels, by_class, texts,
                                     processor.image_token)) for _ in range(args.batches)]
+    layouts = {"padded" if n == 0 else f"packed {n}": [pack(b, n, processor.tokenizer.pad_token_id) for b in padded]
+               for n in args.pack_lengths}
     real_tokens = sum(int(b["attention_mask"].sum()) for b in padded)
-    layouts = {}
-    for length in args.pack_lengths:
-        if length == 0:
-            layouts["padded"] = padded
-            continue
-        layouts[f"packed {length}"] = [
-            pack_batch(b, max(length, int(b["attention_mask"].sum(1).max())), processor.tokenizer.pad_token_id)
-            for b in padded
-        ]
     model.eval()
     with torch.no_grad():
         ref = [model(**b) for b in padded]
         worst = max(max((a.lm_loss - o.lm_loss).abs().item(), (a.diffusion_loss - o.diffusion_loss).abs().item())
-                    for name, bs in layouts.items() for a, o in zip(ref, [model(**b) for b in bs]))
+                    for bs in layouts.values() for a, o in zip(ref, [model(**b) for b in bs]))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: every layout trains the same weights every round
 

@@ -368,8 +368,7 @@ def sweep(pipe, scorer: Scorer, args) -> list[dict]:
                           f"{r['class_acc']:.3f} | {SHORT_NAMES[weakest]} {r['per_class_acc'][weakest]:.2f} | "
                           f"{r['fd']:.2f} | {np.mean(r['diversity']):.2f} | {ours['s_per_image']:.3f} |", flush=True)
                     rows.append({"scheduler": name, "shift": shift, "steps": steps, "guidance_scale": guidance,
-                                 "guidance_start": start,
-                                 "guidance_stop": stop, "nfe": ours["nfe"], "class_acc": r["class_acc"],
+                                 "guidance_start": start, "guidance_stop": stop, "nfe": ours["nfe"], "class_acc": r["class_acc"],
                                  "per_class_acc": r["per_class_acc"], "fd": r["fd"], "fd_floor": scorer.fd_floor,
                                  "diversity": float(np.mean(r["diversity"])), "s_per_image": ours["s_per_image"]})
     return rows

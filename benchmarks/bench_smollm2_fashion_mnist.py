@@ -232,6 +232,8 @@ def main():
               f"MonoFormer {kept['ppl_monoformer']:.3f}; max |logit diff| {kept['max_abs_logit_diff']:.3g}")
         for c in kept["continuations"]:
             print(f"  {'identical' if c['identical'] else 'DIFFERENT'}: {c['prompt']!r} -> {c['monoformer']!r}")
+    if "text" not in args.skip or "probe" not in args.skip:
+        del llm  # the rest samples images: free the comparison LLM
 
     if "images" not in args.skip:
         prompts = [SAMPLE_PROMPT_TEMPLATE.format(n) for n in CLASS_NAMES]

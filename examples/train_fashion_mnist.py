@@ -211,6 +211,15 @@ def draw_samples(rng: random.Random, n: int, bounds, images: torch.Tensor, label
     return samples
 
 
+def pack(batch: dict, pack_length: int, pad_token_id: int) -> dict:
+    """`--pack_length`: a padded batch packed into rows of `pack_length` tokens (of the longest sample, when one is
+    longer); 0 leaves it padded."""
+    if not pack_length:
+        return batch
+    longest = int(batch["attention_mask"].sum(1).max())
+    return pack_batch(batch, max(pack_length, longest), pad_token_id=pad_token_id)
+
+
 def edit_and_interleaved_corpus() -> list[str]:
     """The texts of edit, interleaved and VQA samples, for the tokenizer."""
     texts = list(EDITS) + [CLASS_EDIT_TEMPLATE.format(n) for n in CLASS_NAMES]
@@ -583,12 +592,9 @@ def main(argv=None):
     seen = {"generate": 0, "caption": 0, "edit": 0, "interleaved": 0, "vqa": 0}  # samples trained on, per task
 
     def sample_batch() -> dict:
-        batch = collator(draw_samples(rng, args.batch_size, bounds, images, labels, by_class, texts,
-                                      processor.image_token, hflip=args.hflip, seen=seen))
-        if args.pack_length:
-            longest = int(batch["attention_mask"].sum(1).max())
-            batch = pack_batch(batch, max(args.pack_length, longest), pad_token_id=tokenizer.pad_token_id)
-        return batch
+        samples = draw_samples(rng, args.batch_size, bounds, images, labels, by_class, texts, processor.image_token,
+                               hflip=args.hflip, seen=seen)
+        return pack(collator(samples), args.pack_length, tokenizer.pad_token_id)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     budget = args.minutes * 60 if args.minutes is not None else float("inf")
