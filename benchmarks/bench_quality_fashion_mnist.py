@@ -190,6 +190,26 @@ def set_scheduler(pipe, name: str | None, shift: float | None = None) -> None:
         pipe.scheduler = SCHEDULERS[name](cfg)
 
 
+def make_guider(spec: str):
+    """A `diffusers.guiders` guider from `NAME[:KEY=VALUE,...]`, e.g. `cfg`, `apg:eta=0`, `zero-star`: the sweep's
+    guider axis (the scale, start and stop come from the other axes, as call overrides)."""
+    from diffusers import guiders
+
+    classes = {"cfg": guiders.ClassifierFreeGuidance, "apg": guiders.AdaptiveProjectedGuidance,
+               "zero-star": guiders.ClassifierFreeZeroStarGuidance,
+               "tangential": guiders.TangentialClassifierFreeGuidance}
+    name, _, options = spec.partition(":")
+    if name not in classes:
+        raise ValueError(f"--sweep_guiders: unknown guider {name!r} in {spec!r}; choose from {sorted(classes)}.")
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sweep_guiders: {item!r} in {spec!r} is not KEY=VALUE.")
+        kwargs[key] = json.loads(value)
+    return classes[name](**kwargs)
+
+
 def sample_ours(pipe, per_class: int, steps: int, guidance: float, interval=(0.0, 1.0), batch: int = 100) -> dict:
     """`per_class` images per class, seeded per class -> images in [-1, 1], labels, s/image, NFE/image.
 
@@ -349,14 +369,17 @@ def print_image_table(results: dict, scorer: Scorer) -> None:
 
 
 def sweep(pipe, scorer: Scorer, args) -> list[dict]:
-    """One row per (scheduler, steps, guidance, interval): the sampler-settings table (NFE measured); returns the rows."""
+    """One row per (scheduler, shift, guider, steps, guidance, interval): the sampler-settings table (NFE measured);
+    returns the rows."""
     rows = []
-    print(f"\n| scheduler | shift | steps | guidance | guided steps | NFE/image | class acc | weakest class | "
-          f"FD (floor {scorer.fd_floor:.2f}) | diversity | s/image |\n|---|---|---|---|---|---|---|---|---|---|---|",
+    print(f"\n| scheduler | shift | guider | steps | guidance | guided steps | NFE/image | class acc | weakest class | "
+          f"FD (floor {scorer.fd_floor:.2f}) | diversity | s/image |\n" + "|---" * 12 + "|",
           flush=True)
-    for name, shift in itertools.product(args.sweep_schedulers, args.sweep_shifts):
+    saved_guider = pipe.guider
+    for name, shift, guider in itertools.product(args.sweep_schedulers, args.sweep_shifts, args.sweep_guiders):
         set_scheduler(pipe, name, shift)
         shift = pipe.scheduler.config.get("shift", 1.0)
+        pipe.guider = saved_guider if guider is None else make_guider(guider)
         for steps in args.sweep_steps:
             for guidance in args.sweep_guidance:
                 for interval in args.sweep_intervals:
@@ -364,13 +387,16 @@ def sweep(pipe, scorer: Scorer, args) -> list[dict]:
                     ours = sample_ours(pipe, args.per_class, steps, guidance, (start, stop))
                     r = scorer.score(ours["images"], ours["labels"])
                     weakest = int(np.argmin(r["per_class_acc"]))
-                    print(f"| {name} | {shift:g} | {steps} | {guidance:g} | {start:g}-{stop:g} | {ours['nfe']:g} | "
+                    print(f"| {name} | {shift:g} | {guider or 'saved'} | {steps} | {guidance:g} | {start:g}-{stop:g} | "
+                          f"{ours['nfe']:g} | "
                           f"{r['class_acc']:.3f} | {SHORT_NAMES[weakest]} {r['per_class_acc'][weakest]:.2f} | "
                           f"{r['fd']:.2f} | {np.mean(r['diversity']):.2f} | {ours['s_per_image']:.3f} |", flush=True)
-                    rows.append({"scheduler": name, "shift": shift, "steps": steps, "guidance_scale": guidance,
-                                 "guidance_start": start, "guidance_stop": stop, "nfe": ours["nfe"], "class_acc": r["class_acc"],
+                    rows.append({"scheduler": name, "shift": shift, "guider": guider, "steps": steps,
+                                 "guidance_scale": guidance, "guidance_start": start, "guidance_stop": stop,
+                                 "nfe": ours["nfe"], "class_acc": r["class_acc"],
                                  "per_class_acc": r["per_class_acc"], "fd": r["fd"], "fd_floor": scorer.fd_floor,
                                  "diversity": float(np.mean(r["diversity"])), "s_per_image": ours["s_per_image"]})
+    pipe.guider = saved_guider
     return rows
 
 
@@ -411,6 +437,9 @@ def main():
     parser.add_argument("--sweep_schedulers", nargs="+", default=["euler", "dpm", "unipc", "heun"])
     parser.add_argument("--sweep_shifts", nargs="+", type=float, default=[None],
                         help="flow time shifts to try (default: the checkpoint's)")
+    parser.add_argument("--sweep_guiders", nargs="+", default=[None],
+                        help="diffusers guiders as NAME[:KEY=VALUE,...] (cfg, apg, zero-star, tangential), e.g. "
+                             "cfg apg:eta=0 apg:adaptive_projected_guidance_rescale=5; default: the checkpoint's")
     parser.add_argument("--sweep_steps", nargs="+", type=int, default=[14])
     parser.add_argument("--sweep_guidance", nargs="+", type=float, default=[2.0, 3.0, 4.0])
     parser.add_argument("--sweep_intervals", nargs="+", default=["0-1"],

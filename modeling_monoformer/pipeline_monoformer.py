@@ -56,6 +56,14 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+# Two-prediction guiders that fail on 4-D predictions, by class name (so that older diffusers without them import this
+# file), with the reason; checked before a call rather than met as a tensor error inside diffusers.
+IMAGE_SHAPE_UNSAFE_GUIDERS = {
+    "MagnitudeAwareGuidance": "diffusers' `mambo_guidance` takes `torch.norm` over every non-batch dimension, which "
+    "torch refuses for more than two dimensions (diffusers 0.42).",
+}
+
+
 def check_guider(guider) -> None:
     """Raise a `TypeError` unless `guider` is a `diffusers.guiders` guider this pipeline can run.
 
@@ -75,6 +83,12 @@ def check_guider(guider) -> None:
             f"{' from a hooked model' if hooked else ''}; MonoFormerPipeline computes `pred_cond` and `pred_uncond` "
             "in one batched pass. Use ClassifierFreeGuidance, AdaptiveProjectedGuidance, "
             "ClassifierFreeZeroStarGuidance, TangentialClassifierFreeGuidance or another two-prediction guider."
+        )
+    if type(guider).__name__ in IMAGE_SHAPE_UNSAFE_GUIDERS:
+        raise TypeError(
+            f"`guider` {type(guider).__name__} cannot combine this pipeline's image-shaped predictions (n, C, H, W): "
+            f"{IMAGE_SHAPE_UNSAFE_GUIDERS[type(guider).__name__]} Use ClassifierFreeGuidance, "
+            "AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance or TangentialClassifierFreeGuidance."
         )
 
 

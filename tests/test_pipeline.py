@@ -23,7 +23,9 @@ from diffusers.guiders import (
     AutoGuidance,
     ClassifierFreeGuidance,
     ClassifierFreeZeroStarGuidance,
+    MagnitudeAwareGuidance,
     PerturbedAttentionGuidance,
+    TangentialClassifierFreeGuidance,
 )
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
@@ -615,6 +617,7 @@ def test_explicit_arguments_override_the_guider_for_one_call_only():
     [
         AdaptiveProjectedGuidance(guidance_scale=4.0, adaptive_projected_guidance_momentum=-0.5),
         ClassifierFreeZeroStarGuidance(guidance_scale=4.0, start=0.25, stop=0.75),
+        TangentialClassifierFreeGuidance(guidance_scale=4.0),
     ],
 )
 def test_other_two_prediction_guiders_swap_in_with_one_line(guider):
@@ -625,8 +628,15 @@ def test_other_two_prediction_guiders_swap_in_with_one_line(guider):
     assert torch.isfinite(swapped).all() and (swapped - cfg).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("guider", [PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), AutoGuidance(auto_guidance_layers=[0], dropout=0.1)])
-def test_guiders_needing_more_than_two_batched_predictions_are_refused(guider):
+@pytest.mark.parametrize(
+    "guider",
+    [
+        PerturbedAttentionGuidance(perturbed_guidance_layers=[0]),
+        AutoGuidance(auto_guidance_layers=[0], dropout=0.1),
+        MagnitudeAwareGuidance(guidance_scale=4.0),  # two predictions, but its norm fails on (n, C, H, W) in diffusers
+    ],
+)
+def test_guiders_the_pipeline_cannot_run_are_refused_before_sampling(guider):
     pipe = make_pipe()
     with pytest.raises(TypeError, match="guider"):
         pipe.guider = guider
