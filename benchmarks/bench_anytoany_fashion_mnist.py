@@ -100,15 +100,18 @@ def interleaved(pipe, clf, template: str, runs_per_class: int, max_new_tokens: i
             "with_image": scored, "examples": examples, "s_per_run": (time.time() - t0) / runs}
 
 
-def edit_batch(pipe, instructions: list[str], sources: torch.Tensor, seed: int, image_guidance_scale: float):
+def edit_batch(pipe, instructions: list[str], sources: torch.Tensor, seed: int, image_guidance_scale: float,
+               sampler: dict | None = None):
+    """Edited images in [-1, 1]; `sampler`: the recipe's `SAMPLER_DEFAULTS` unless given (`--edit_guidance_scale`)."""
     out = pipe(
         instructions, image=(sources + 1) / 2, image_guidance_scale=image_guidance_scale, output_type="pt",
-        generator=torch.Generator().manual_seed(seed), **SAMPLER_DEFAULTS,
+        generator=torch.Generator().manual_seed(seed), **(sampler or SAMPLER_DEFAULTS),
     ).images  # (n, 1, 28, 28) in [0, 1]
     return out.float() * 2 - 1
 
 
-def editing(pipe, clf, images, labels, per_type: int, image_guidance_scale: float, batch: int = 50) -> list[tuple]:
+def editing(pipe, clf, images, labels, per_type: int, image_guidance_scale: float, batch: int = 50,
+            sampler: dict | None = None) -> list[tuple]:
     """Rows `(edit, metric, dual guidance, text-only guidance, do-nothing)`."""
     rows = []
     sources = images[:per_type]
@@ -116,7 +119,7 @@ def editing(pipe, clf, images, labels, per_type: int, image_guidance_scale: floa
         truth = transform(sources)
         errors = {}
         for name, scale in (("dual", image_guidance_scale), ("text", 1.0)):
-            edited = torch.cat([edit_batch(pipe, [instruction] * len(chunk), chunk, 10 * k + i, scale)
+            edited = torch.cat([edit_batch(pipe, [instruction] * len(chunk), chunk, 10 * k + i, scale, sampler)
                                 for i, chunk in enumerate(sources.split(batch))])
             errors[name] = ((edited - truth).abs().mean() / 2).item()  # [-1, 1] -> 0-1 pixel scale
         baseline = ((sources - truth).abs().mean() / 2).item()
@@ -127,7 +130,7 @@ def editing(pipe, clf, images, labels, per_type: int, image_guidance_scale: floa
     accuracy = {}
     for name, scale in (("dual", image_guidance_scale), ("text", 1.0)):
         edited = torch.cat([
-            edit_batch(pipe, instructions[i * batch : (i + 1) * batch], chunk, 100 + i, scale)
+            edit_batch(pipe, instructions[i * batch : (i + 1) * batch], chunk, 100 + i, scale, sampler)
             for i, chunk in enumerate(sources.split(batch))
         ])
         accuracy[name] = (batched(clf, edited).argmax(1) == targets).float().mean().item()
@@ -170,6 +173,8 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--edits_per_type", type=int, default=100)
     parser.add_argument("--image_guidance_scale", type=float, default=1.5)
+    parser.add_argument("--edit_guidance_scale", type=float, default=None,
+                        help="text guidance of the edits (default: the recipe's, SAMPLER_DEFAULTS)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--examples", default=None, help="write a PNG of edits and interleaved images here")
     args = parser.parse_args()
@@ -219,10 +224,13 @@ def main():
                        args.max_new_tokens)
     if args.edits_per_type:
         t0 = time.time()
+        sampler = dict(SAMPLER_DEFAULTS)
+        if args.edit_guidance_scale is not None:
+            sampler["guidance_scale"] = args.edit_guidance_scale
         rows = editing(pipe, lambda x: batched(clf, x) if x.ndim == 4 else clf(x), images[1000:], labels[1000:],
-                       args.edits_per_type, args.image_guidance_scale)
+                       args.edits_per_type, args.image_guidance_scale, sampler=sampler)
         print(f"\nediting, {args.edits_per_type} held-out test images per type ({time.time() - t0:.0f} s); dual "
-              f"guidance: text {SAMPLER_DEFAULTS['guidance_scale']}, image {args.image_guidance_scale}")
+              f"guidance: text {sampler['guidance_scale']}, image {args.image_guidance_scale}")
         print("| edit | metric | dual guidance | text-only guidance | do nothing (source) |\n|---|---|---|---|---|")
         for edit, metric, dual, text, baseline in rows:
             print(f"| {edit} | {metric} | {dual:.3f} | {text:.3f} | {baseline:.3f} |")
