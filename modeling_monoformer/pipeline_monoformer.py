@@ -64,6 +64,12 @@ IMAGE_SHAPE_UNSAFE_GUIDERS = {
 }
 
 
+RUNNABLE_GUIDERS_HINT = (
+    "Use ClassifierFreeGuidance, AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance or "
+    "TangentialClassifierFreeGuidance."
+)
+
+
 def check_guider(guider) -> None:
     """Raise a `TypeError` unless `guider` is a `diffusers.guiders` guider this pipeline can run.
 
@@ -81,14 +87,12 @@ def check_guider(guider) -> None:
         raise TypeError(
             f"`guider` {type(guider).__name__} needs predictions {guider._input_predictions}"
             f"{' from a hooked model' if hooked else ''}; MonoFormerPipeline computes `pred_cond` and `pred_uncond` "
-            "in one batched pass. Use ClassifierFreeGuidance, AdaptiveProjectedGuidance, "
-            "ClassifierFreeZeroStarGuidance, TangentialClassifierFreeGuidance or another two-prediction guider."
+            f"in one batched pass. {RUNNABLE_GUIDERS_HINT}"
         )
     if type(guider).__name__ in IMAGE_SHAPE_UNSAFE_GUIDERS:
         raise TypeError(
             f"`guider` {type(guider).__name__} cannot combine this pipeline's image-shaped predictions (n, C, H, W): "
-            f"{IMAGE_SHAPE_UNSAFE_GUIDERS[type(guider).__name__]} Use ClassifierFreeGuidance, "
-            "AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance or TangentialClassifierFreeGuidance."
+            f"{IMAGE_SHAPE_UNSAFE_GUIDERS[type(guider).__name__]} {RUNNABLE_GUIDERS_HINT}"
         )
 
 
