@@ -12,6 +12,7 @@ from modeling_monoformer import (
     add_lora,
     add_training_noise,
 )
+from modeling_monoformer import modeling_monoformer as modeling
 from tests.conftest import make_tokenizer, tiny_llama
 from tests.test_modeling import assert_fresh_process_load_matches, image_row
 from tests.test_pipeline import PROMPTS, generate, make_pipe
@@ -107,6 +108,58 @@ def test_unet_prefix_cached_sampling_equals_full_recompute(mode):
     naive = generate(pipe, use_prefix_cache=False, **kw)
     assert cached.shape == (len(PROMPTS), 1, 8, 8)
     torch.testing.assert_close(cached, naive, rtol=1e-4, atol=1e-5)
+
+
+def _encoder_rows(model, monkeypatch) -> list[int]:
+    """Rows of every call of the U-Net patch encoder."""
+    rows = []
+    real = type(model.model.x_embedder).forward
+    monkeypatch.setattr(
+        type(model.model.x_embedder), "forward", lambda self, x, t: rows.append(x.shape[0]) or real(self, x, t)
+    )
+    return rows
+
+
+def test_an_image_given_twice_as_one_object_at_one_timestep_is_embedded_once(monkeypatch):
+    """Classifier-free guidance passes each noisy image once per branch as the same object: one encoder row, and the
+    same outputs as two distinct copies. The same object at another timestep is embedded again."""
+    model = unet(timestep_conditioning="adaln")
+    cfg = model.config
+    ids = torch.tensor([image_row(cfg, [5, 6], 16, 16, suffix=[7]), image_row(cfg, [8], 16, 16, suffix=[7, 9])])
+    x = torch.randn(1, 16, 16)
+    rows = _encoder_rows(model, monkeypatch)
+    with torch.no_grad():
+        shared = model(input_ids=ids, latents=[x, x], timesteps=torch.tensor([300, 300])).diffusion_output
+        copies = model(input_ids=ids, latents=[x, x.clone()], timesteps=torch.tensor([300, 300])).diffusion_output
+        other_t = model(input_ids=ids, latents=[x, x], timesteps=torch.tensor([300, 600])).diffusion_output
+        distinct_t = model(input_ids=ids, latents=[x, x.clone()], timesteps=torch.tensor([300, 600])).diffusion_output
+    assert rows == [1, 2, 2, 2]
+    for a, b in zip(shared, copies):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(shared[0], shared[1])  # two different prompts read the one image differently
+    for a, b in zip(other_t, distinct_t):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_guided_sampling_embeds_each_noisy_image_once(monkeypatch, use_prefix_cache):
+    """A guided step runs the U-Net encoder on the B noisy images, not on 2B branch rows; the images stay those of
+    embedding every row (the sharing turned off)."""
+    pipe = make_pipe(
+        pixel_space=True, num_channels=1, latent_channels=1, patch_size=4, sample_size=8, patch_embedder="unet",
+        unet_block_channels=[8, 16],
+    )
+    kw = dict(steps=4, output_type="latent", guidance_scale=3.0, guidance_start=0.25, guidance_stop=0.75,
+              use_prefix_cache=use_prefix_cache)
+    rows = _encoder_rows(pipe.model, monkeypatch)
+    shared = generate(pipe, **kw)
+    n = len(PROMPTS)
+    assert rows[-4:] == [n, n, n, n]  # steps 2 and 3 are guided (2n rows through the transformer): still n here
+    monkeypatch.setattr(modeling, "shared_image_sources", lambda images, timesteps: None)
+    rows.clear()
+    every_row = generate(pipe, **kw)
+    assert rows[-4:] == [n, 2 * n, 2 * n, n]
+    torch.testing.assert_close(shared, every_row, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -592,21 +592,26 @@ class MonoFormerPipeline(DiffusionPipeline):
             cache=cache,
         )
 
-    def predict(self, context: MonoFormerDenoisingContext, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One model evaluation: the diffusion head's output for `latents` (one per row of `context`) at step `t`."""
-        timesteps = t.reshape(1).expand(latents.shape[0]).to(latents.device)
-        model_latents, noisy_index = latents, None
+    def predict(
+        self, context: MonoFormerDenoisingContext, latents: torch.Tensor, t: torch.Tensor, branches: int = 1
+    ) -> torch.Tensor:
+        """One model evaluation at step `t`: the diffusion head's output for each row of `context`, whose rows are
+        `branches` guidance branches of `latents`' `B` images each (branch by branch). Every image goes in once per
+        branch as the same tensor object, so the model embeds it once (`shared_image_sources`)."""
+        images = list(latents.unbind(0)) * branches  # [(C, h, w)] per row of `context`
+        timesteps = t.reshape(1).expand(len(images)).to(latents.device)
+        model_latents, noisy_index = images, None
         if context.cache is None and context.context_latents is not None:
             # Naive path: each row's clean context image (t = 0) comes before its noisy image, in sequence order.
-            images, image_timesteps, noisy_index = [], [], []
-            for source, x_t, t_row in zip(context.context_latents, latents, timesteps):
+            model_latents, image_timesteps, noisy_index = [], [], []
+            for source, x_t, t_row in zip(context.context_latents, images, timesteps):
                 if source is not None:
-                    images.append(source.to(x_t))
+                    model_latents.append(source.to(x_t))
                     image_timesteps.append(torch.zeros_like(t_row))
-                noisy_index.append(len(images))
-                images.append(x_t)
+                noisy_index.append(len(model_latents))
+                model_latents.append(x_t)
                 image_timesteps.append(t_row)
-            model_latents, timesteps = torch.stack(images), torch.stack(image_timesteps)
+            timesteps = torch.stack(image_timesteps)
         output = self.model(
             input_ids=context.input_ids,
             attention_mask=context.attention_mask,
@@ -619,9 +624,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         )
         if context.cache is not None:
             context.cache.crop(-context.input_ids.shape[1])  # roll back to the prefix (5.x: negative count)
-        if noisy_index is not None:
-            return output.diffusion_output[noisy_index]
-        return output.diffusion_output
+        outputs = output.diffusion_output  # [(C_out, h, w)], one per image of `model_latents`
+        return torch.stack([outputs[i] for i in noisy_index] if noisy_index is not None else outputs)
 
     def denoise(
         self,
@@ -643,11 +647,12 @@ class MonoFormerPipeline(DiffusionPipeline):
                     continue
                 self._call_guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
                 guided = guided_steps[i]
-                model_input = torch.cat([latents] * self._num_branches) if guided else latents
+                model_input = latents
                 if hasattr(self.scheduler, "scale_model_input"):  # Euler scales by sigma; FlowMatch has none
                     model_input = self.scheduler.scale_model_input(model_input, t)
                 step_context = context if guided or cond_context is None else cond_context
-                model_output = self.apply_guidance(self.predict(step_context, model_input, t), guided)
+                branches = self._num_branches if guided else 1
+                model_output = self.apply_guidance(self.predict(step_context, model_input, t, branches), guided)
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
