@@ -182,6 +182,14 @@ class MonoFormerConfig(PreTrainedConfig):
         """Number of `<image>` placeholders for a latent of `height x width` (patches + timestep token)."""
         return (height // self.patch_size) * (width // self.patch_size) + self.tokens_per_image_extra
 
+    @property
+    def trained_position_limit(self) -> int | None:
+        """The LLM's hard trained position range: `max_position_embeddings` under an unscaled RoPE; None when the
+        RoPE is scaled (linear, dynamic, yarn, ...: the LLM decides its own context) or no limit is named."""
+        text_config = self.text_config
+        rope_type = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
+        return getattr(text_config, "max_position_embeddings", None) if rope_type == "default" else None
+
 
 MonoFormerConfig.register_for_auto_class()
 

@@ -15,9 +15,10 @@ def pack_batch(batch: dict, max_length: int | None = None, pad_token_id: int = 0
     `max_length` tokens (default: the longest sample), next-fit in order: a sample that does not fit the current row
     starts a new one, so samples (and their images) never change order and `latents` stay aligned.
 
-    Returns the same keys with `attention_mask` removed and `position_ids` added. The first label of every sample is
-    set to -100 so no sample learns to predict its neighbour; leftover row space is filled with `pad_token_id` as its
-    own isolated segment (positions restart, labels -100).
+    Returns the same keys with `attention_mask` removed, `position_ids` added and `use_cache=False`: with a cache
+    (the LLM's default) `create_causal_mask` does not look for packed samples, so text-only rows would attend across
+    them. The first label of every sample is set to -100 so no sample learns to predict its neighbour; leftover row
+    space is filled with `pad_token_id` as its own isolated segment (positions restart, labels -100).
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch.get("labels")
     if bool((attention_mask[:, :-1] < attention_mask[:, 1:]).any()):
@@ -53,7 +54,7 @@ def pack_batch(batch: dict, max_length: int | None = None, pad_token_id: int = 0
         pos_out[r, start:] = torch.arange(row_len - start)  # the padding tail is a segment of its own
 
     packed = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
-    packed.update(input_ids=ids_out, position_ids=pos_out)
+    packed.update(input_ids=ids_out, position_ids=pos_out, use_cache=False)
     if labels is not None:
         packed["labels"] = lab_out
     return packed

@@ -160,6 +160,16 @@ class MonoFormerProcessor(ProcessorMixin):
             raise ValueError("Pass either `images` (to encode) or `image_sizes` (to generate), not both.")
         wrapped = self.boi_token + self.image_token + self.eoi_token
         texts = [t.replace(wrapped, self.image_token) for t in texts]
+        nested = isinstance(images, (list, tuple)) and images and all(isinstance(x, (list, tuple)) for x in images)
+        if nested:  # one list per text: each must match its text's markers (the flat list is checked as a whole)
+            if len(images) != len(texts):
+                raise ValueError(f"`images` given per text needs one list per text ({len(texts)}), got {len(images)}.")
+            for i, (t, row) in enumerate(zip(texts, images)):
+                if len(row) != t.count(self.image_token):
+                    raise ValueError(
+                        f"Text {i} has {t.count(self.image_token)} `{self.image_token}` marker(s) but its list in "
+                        f"`images` holds {len(row)} image(s): give each text exactly the images of its markers."
+                    )
         if image_sizes is None:  # the base call: checks, kwargs merging, `replace_image_token` per image, tokenizer
             return super().__call__(images=images, text=texts, **kwargs)
 

@@ -107,7 +107,7 @@ def test_edit_errors_name_the_problem(pipe):
         edit(pipe, [source_image(i) for i in range(3)], prompt=["a", "b"])
     with pytest.raises(TypeError, match="`image` must be a PIL image"):
         edit(pipe, "source.png")
-    with pytest.raises(ValueError, match="`image_guidance_scale` must be a number >= 0"):
+    with pytest.raises(ValueError, match="`image_guidance_scale` must be a finite number >= 0"):
         edit(pipe, source_image(), image_guidance_scale=-1.0)
     with pytest.raises(ValueError, match="different sizes"):
         edit(pipe, [source_image(0), source_image(1, size=8)], prompt=["a", "b"])

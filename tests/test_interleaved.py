@@ -173,3 +173,44 @@ def test_bad_inputs_raise_clear_errors():
         pipe.generate_interleaved("a photo", num_beams=2)
     with pytest.raises(ValueError, match="`output_type`"):
         pipe.generate_interleaved("a photo", output_type="jpg")
+
+
+class BoostTokens(LogitsProcessor):
+    """Makes `tokens` the model's favourites without masking anything else."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.tokens] += 1e4
+        return scores
+
+
+def test_text_never_writes_an_image_placeholder_or_eoi():
+    """The pipeline writes every image's placeholders and `<eoi>`; a model that favours them in text cannot emit
+    them, so `sequences` still recompute with `image_latents`."""
+    pipe = make_pipe(pixel_space=True)
+    p = pipe.processor
+    length = p(text=PROMPT)["input_ids"].shape[1]
+    out = pipe.generate_interleaved(
+        PROMPT, max_new_tokens=4, suppress_tokens=[p.boi_token_id],  # the user's own list is kept
+        logits_processor=LogitsProcessorList([BoostTokens([p.image_token_id, p.eoi_token_id])]),
+    )
+    new = out.sequences[0, length:]
+    assert new.numel() == 4
+    assert not bool(((new == p.image_token_id) | (new == p.eoi_token_id) | (new == p.boi_token_id)).any())
+    pipe.model(input_ids=out.sequences)  # no placeholder without an image
+
+
+def test_a_batched_image_tensor_counts_as_its_images():
+    pipe = make_pipe(pixel_space=True)
+    images = torch.rand(2, 3, 8, 8, generator=torch.manual_seed(0))
+    kw = dict(max_new_tokens=2, suppress_tokens=[pipe.processor.boi_token_id])
+    batched = pipe.generate_interleaved("<image> and <image>: a", images=images, **kw)
+    listed = pipe.generate_interleaved("<image> and <image>: a", images=list(images), **kw)
+    assert len(batched.image_latents) == 2 and torch.equal(batched.sequences, listed.sequences)
+    for a, b in zip(batched.image_latents, listed.image_latents):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"1 `<image>` marker\(s\) but `images` holds 2 image"):
+        pipe.generate_interleaved("<image> a", images=images)

@@ -495,3 +495,162 @@ def test_save_over_a_sharded_folder_leaves_no_stale_index(pixel_model, tmp_path)
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
     MonoFormerForConditionalGeneration.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 16. Found by a user's-eye review (2026-12-06): generation with several images per row, the default cache, packed
+#     text, scaled RoPE, masks and labels of the wrong shape, and the pipeline's image and argument handling
+# ----------------------------------------------------------------------------------------------------------------------
+def _image_block(config, height, width) -> list[int]:
+    return [config.boi_token_id] + [config.image_token_id] * config.num_image_tokens(height, width) + [
+        config.eoi_token_id]
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_beam_search_gives_every_beam_its_rows_images(pixel_model, as_list):
+    """Beams repeat rows; images are listed over the flattened batch, so each row's images must follow it."""
+    model, _ = pixel_model
+    model.eval()
+    c = model.config
+    sizes = [(4, 4), (4, 6) if as_list else (4, 4)]
+    ids = torch.tensor([[5, 6] + _image_block(c, *sizes[0]) + [7] + _image_block(c, *sizes[1]) + [8]])
+    torch.manual_seed(0)
+    images = [torch.randn(3, *s) for s in sizes]
+    latents = images if as_list else torch.stack(images)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=ids, latents=latents).logits[0, -1], -1)
+        out = model.generate(input_ids=ids, latents=latents, max_new_tokens=1, num_beams=2, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+    torch.testing.assert_close(out.scores[0][0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.scores[0][1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_expanding_rows_repeats_each_rows_images_in_order(pixel_model):
+    model, _ = pixel_model
+    c = model.config
+    block = _image_block(c, 4, 4)
+    ids = torch.tensor([[5] + block + block, [6] + block + [7] * len(block)])  # row 0: 2 images, row 1: 1
+    latents = torch.arange(3).float().view(3, 1, 1, 1).expand(3, 3, 4, 4)
+    _, kwargs = model._expand_inputs_for_generation(
+        expand_size=2, input_ids=ids, latents=latents, timesteps=torch.tensor([0.0, 1.0, 2.0])
+    )
+    assert kwargs["latents"][:, 0, 0, 0].tolist() == [0, 1, 0, 1, 2, 2]
+    assert kwargs["timesteps"].tolist() == [0, 1, 0, 1, 2, 2]
+
+
+def test_forward_returns_the_cache_as_the_base_llm_does(pixel_model):
+    model, processor = pixel_model
+    model.eval()
+    ids = processor(text=["a photo of a bag"])["input_ids"]
+    with torch.no_grad():
+        first = model(input_ids=ids)  # no use_cache: the LLM's config decides (True), as for the LLM itself
+        assert first.cache is not None and first.cache.get_seq_length() == ids.shape[1]
+        step = model(input_ids=torch.tensor([[9]]), cache=first.cache).logits[0, -1]
+        full = model(input_ids=torch.cat([ids, torch.tensor([[9]])], 1)).logits[0, -1]
+        assert model(input_ids=ids, use_cache=False).cache is None
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_text_only_rows_keep_their_samples_apart(pixel_model):
+    from modeling_monoformer.packing_monoformer import pack_batch
+
+    model, _ = pixel_model
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    packed = pack_batch(batch, max_length=12)
+    assert packed["use_cache"] is False
+    with torch.no_grad():
+        padded_out, packed_out = model(**batch), model(**packed)
+    torch.testing.assert_close(packed_out.logits[0, 4:10], padded_out.logits[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_out.loss, padded_out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_with_a_scaled_rope_is_not_cut_at_max_position_embeddings():
+    tok = make_tokenizer()
+    llm = tiny_llama(vocab_size=len(tok), max_position_embeddings=16,
+                     rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    model = MonoFormerForConditionalGeneration.from_llm(llm, tokenizer=tok, latent_channels=3, patch_size=2).eval()
+    llm.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(ids, **kw), llm.generate(ids, **kw))
+    assert model.config.trained_position_limit is None
+
+
+def test_wrong_shapes_of_mask_labels_and_empty_images_get_clear_answers(pixel_model):
+    model, _ = pixel_model
+    c = model.config
+    ids = torch.tensor([[5, 6] + _image_block(c, 4, 4)])
+    latents = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"`attention_mask` must have shape \(batch_size, sequence_length\)"):
+        model(input_ids=ids, latents=latents, attention_mask=torch.ones(ids.shape[1]))
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(1, \d+\)"):
+        model(input_ids=ids, latents=latents, labels=torch.zeros(1, 3, dtype=torch.long))
+    text = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        plain = model(input_ids=text).logits
+        for empty in ([], torch.zeros(0, 3, 4, 4)):
+            torch.testing.assert_close(model(input_ids=text, latents=empty).logits, plain, rtol=0, atol=0)
+
+
+def test_uint8_pixels_read_as_the_pil_image_and_out_of_range_floats_are_refused(tiny_pipe):
+    import numpy as np
+    from PIL import Image
+
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    expected = tiny_pipe.preprocess_image(pil)
+    assert expected.min() >= -1 and expected.max() <= 1
+    torch.testing.assert_close(tiny_pipe.preprocess_image(np.array(pil)), expected)
+    torch.testing.assert_close(tiny_pipe.preprocess_image(torch.from_numpy(np.array(pil)).permute(2, 0, 1)), expected)
+    with pytest.raises(ValueError, match=r"`image` holds float values in \[.*\]; float images must be in \[0, 1\]"):
+        tiny_pipe.preprocess_image(np.array(pil).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(image_guidance_scale=float("inf")), "`image_guidance_scale` must be a finite number"),
+     (dict(image_guidance_scale=float("nan")), "`image_guidance_scale` must be a finite number")],
+)
+def test_non_finite_image_guidance_is_refused(tiny_pipe, kwargs, match):
+    import numpy as np
+
+    with pytest.raises(ValueError, match=match):
+        tiny_pipe("flip it", image=np.zeros((8, 8, 3), dtype=np.uint8), num_inference_steps=2, **kwargs)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers(tiny_pipe):
+    import numpy as np
+
+    kw = dict(output_type="latent", generator=torch.manual_seed(0))
+    python = tiny_pipe("a red square", height=8, num_inference_steps=2, guidance_scale=3.0, **kw).images
+    kw["generator"] = torch.manual_seed(0)
+    numpy = tiny_pipe("a red square", height=np.int64(8), num_inference_steps=np.int64(2),
+                      guidance_scale=np.float32(3.0), **kw).images
+    torch.testing.assert_close(numpy, python, rtol=0, atol=0)
+
+
+def test_pipeline_variant_saves_load_and_local_folders_accept_hub_options(tmp_path):
+    from modeling_monoformer import MonoFormerPipeline
+    from tests.test_pipeline import make_pipe
+
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path / "v", variant="fp16")
+    assert (tmp_path / "v" / "vae" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (tmp_path / "v" / "model" / "model.fp16.safetensors").is_file()  # the model too, not only the VAE
+    loaded = MonoFormerPipeline.from_pretrained(tmp_path / "v", variant="fp16", use_safetensors=True,
+                                                local_files_only=True, low_cpu_mem_usage=True)
+    for a, b in zip(pipe.model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match=r"Unexpected arguments .*\['not_an_option'\]"):
+        MonoFormerPipeline.from_pretrained(tmp_path / "v", variant="fp16", not_an_option=1)
+
+
+def test_processor_refuses_per_text_image_lists_that_do_not_match_the_markers(pixel_model):
+    _, processor = pixel_model
+    a, b, c = (torch.rand(3, 4, 4) for _ in range(3))
+    with pytest.raises(ValueError, match=r"Text 0 has 1 `<image>` marker\(s\) but its list in `images` holds 2"):
+        processor(text=["a<image>", "b<image><image>"], images=[[a, b], [c]])
+    ok = processor(text=["a<image>", "b<image><image>"], images=[[a], [b, c]])
+    assert ok["pixel_values"].shape[0] == 3

@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -68,6 +69,27 @@ RUNNABLE_GUIDERS_HINT = (
     "Use ClassifierFreeGuidance, AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance or "
     "TangentialClassifierFreeGuidance."
 )
+
+
+def count_images(images) -> int:
+    """Images in an `images` argument: a list counts its items, a batched `(n, ...)` tensor or array its `n`."""
+    if images is None:
+        return 0
+    if isinstance(images, (list, tuple)):
+        return sum(count_images(item) for item in images)
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return images.shape[0]
+    return 1
+
+
+def is_integer(value) -> bool:
+    """An integer argument: Python or numpy integers, not bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real-number argument: Python or numpy ints and floats, not bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_guider(guider) -> None:
@@ -306,20 +328,20 @@ class MonoFormerPipeline(DiffusionPipeline):
 
         unit = self.model.config.patch_size * self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % unit:
+            if not is_integer(value) or value <= 0 or value % unit:
                 raise ValueError(
                     f"`{name}` must be a positive multiple of patch_size * vae_scale_factor = {unit}, got {value!r}."
                 )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not is_integer(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if guidance_scale is not None and (
-            not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0
+            not is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0
         ):
             raise ValueError(
                 f"`guidance_scale` must be a number >= 0 (<= 1 disables classifier-free guidance), got "
                 f"{guidance_scale!r}."
             )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -398,11 +420,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         n_image_tokens = self.processor.num_image_tokens(height, width)
         if not bool((input_ids[:, -n_image_tokens:] == self.processor.image_token_id).all()):
             raise ValueError("The processor did not put the image block at the end of every row.")
-        # Same rule as the model's `check_sequence_length`: a scaled RoPE decides its own context.
-        text_config = self.model.config.text_config
-        max_positions = getattr(text_config, "max_position_embeddings", None)
-        rope_type = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
-        if max_positions is not None and rope_type == "default" and input_ids.shape[1] > max_positions:
+        max_positions = self.model.config.trained_position_limit  # the model's rule: a scaled RoPE has none
+        if max_positions is not None and input_ids.shape[1] > max_positions:
             raise ValueError(
                 f"`prompt` + image is {input_ids.shape[1]} tokens ({n_image_tokens} for a {height}x{width} image), "
                 f"more than the LLM's max_position_embeddings={max_positions}: shorten `prompt` or lower "
@@ -455,8 +474,9 @@ class MonoFormerPipeline(DiffusionPipeline):
 
         Accepts a PIL image or a list of them (converted by the processor's image processor), or images in `[0, 1]`
         as this pipeline returns them: a `(C, H, W)` / `(n, C, H, W)` tensor (`output_type="pt"`) or a `(H, W, C)` /
-        `(n, H, W, C)` array (`"np"`), or a list of those. Every image must have the model's channel count and one
-        size that fits the patch grid; errors name `name`.
+        `(n, H, W, C)` array (`"np"`), or a list of those; integer arrays and tensors (`np.array(pil_image)`,
+        `pil_to_tensor`) are taken as `0..255`. Every image must have the model's channel count and one size that fits
+        the patch grid; errors name `name`.
         """
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if not items:
@@ -475,7 +495,17 @@ class MonoFormerPipeline(DiffusionPipeline):
                 x = x.unsqueeze(0) if x.ndim == 3 else x
                 if isinstance(item, np.ndarray):
                     x = x.permute(0, 3, 1, 2)
-                x = x.float() * 2 - 1
+                if not (x.is_floating_point() or x.dtype == torch.bool):
+                    x = x.float() / 255  # uint8 pixels, as PIL images convert to arrays and tensors
+                x = x.float()
+                low, high = (x.aminmax() if x.numel() else (torch.tensor(0.0), torch.tensor(0.0)))
+                if low < -1e-3 or high > 1 + 1e-3 or not bool(x.isfinite().all()):
+                    raise ValueError(
+                        f"`{name}` holds float values in [{low.item():.3g}, {high.item():.3g}]; float images must be in "
+                        "[0, 1] (as this pipeline returns them). Pass uint8 pixels as integers (0..255), and images "
+                        "in [-1, 1] as `(x + 1) / 2`."
+                    )
+                x = x * 2 - 1
             else:
                 raise TypeError(
                     f"`{name}` must be a PIL image, a torch tensor or a numpy array (or a list of them), got "
@@ -893,6 +923,9 @@ class MonoFormerPipeline(DiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)  # numpy ints too
+        num_images_per_prompt = int(num_images_per_prompt)
+        guidance_scale = None if guidance_scale is None else float(guidance_scale)
         channels = self.model.config.latent_channels
         if guidance_channels is not None and (
             not isinstance(guidance_channels, int) or not 1 <= guidance_channels <= channels
@@ -902,12 +935,12 @@ class MonoFormerPipeline(DiffusionPipeline):
         self._call_guider = self.prepare_guider(guidance_scale, guidance_start, guidance_stop)
         if image_guidance_scale is None:
             image_guidance_scale = 1.5  # InstructPix2Pix's default
-        if not isinstance(image_guidance_scale, (int, float)) or image_guidance_scale < 0:
+        if not is_number(image_guidance_scale) or not math.isfinite(image_guidance_scale) or image_guidance_scale < 0:
             raise ValueError(
-                f"`image_guidance_scale` must be a number >= 0 (<= 1 disables image guidance), got "
+                f"`image_guidance_scale` must be a finite number >= 0 (<= 1 disables image guidance), got "
                 f"{image_guidance_scale!r}."
             )
-        self._image_guidance_scale = image_guidance_scale
+        self._image_guidance_scale = image_guidance_scale = float(image_guidance_scale)
         self._interrupt = False
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         device = self._execution_device
@@ -988,7 +1021,7 @@ class MonoFormerPipeline(DiffusionPipeline):
                     "(the pipeline adds `<boi>`/`<eoi>`); the model itself decides when to start an image."
                 )
         n_markers = prompt.count(self.processor.image_token)
-        n_images = 0 if images is None else len(images) if isinstance(images, (list, tuple)) else 1
+        n_images = count_images(images)
         if n_markers != n_images:
             raise ValueError(
                 f"`prompt` has {n_markers} `{self.processor.image_token}` marker(s) but `images` holds {n_images} "
@@ -1139,8 +1172,8 @@ class MonoFormerPipeline(DiffusionPipeline):
         ```
         """
         config = self.model.config
-        height = height or config.sample_size * self.vae_scale_factor
-        width = width or config.sample_size * self.vae_scale_factor
+        height = config.sample_size * self.vae_scale_factor if height is None else height  # 0 is refused, not defaulted
+        width = config.sample_size * self.vae_scale_factor if width is None else width
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
         self.check_interleaved_inputs(
@@ -1152,8 +1185,8 @@ class MonoFormerPipeline(DiffusionPipeline):
 
         # 1. The prompt, its images as clean latents (the VAE encodes them), and the stop tokens
         items = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-        pixels = [self.preprocess_image(item, f"images[{i}]") for i, item in enumerate(items)]
-        image_latents = [self.encode_image(x)[0] for x in pixels]
+        pixels = [x[None] for i, item in enumerate(items) for x in self.preprocess_image(item, f"images[{i}]")]
+        image_latents = [self.encode_image(x)[0] for x in pixels]  # one (C, h, w) per image, a batched item's too
         sizes = [tuple(x.shape[-2:]) for x in pixels]
         sequences = self.processor(text=prompt, image_sizes=[sizes], return_tensors="pt")["input_ids"].to(device)
         boi, eoi = self.processor.boi_token_id, self.processor.eoi_token_id
@@ -1161,7 +1194,11 @@ class MonoFormerPipeline(DiffusionPipeline):
         eos = self.model.generation_config.eos_token_id if eos is None else eos
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [boi])[0])
-        max_positions = getattr(config.text_config, "max_position_embeddings", None)
+        # The pipeline writes each image's placeholders and its `<eoi>`: text never does (a stray one would be read
+        # as a placeholder without an image, and `sequences` would no longer recompute).
+        suppress = [self.processor.image_token_id, eoi]
+        generate_kwargs["suppress_tokens"] = [*(generate_kwargs.get("suppress_tokens") or []), *suppress]
+        max_positions = config.trained_position_limit  # the model's rule: a scaled RoPE has none
         n_image_tokens = self.processor.num_image_tokens(height, width)
         segment_streamer = _SegmentStreamer(streamer) if streamer is not None else None
 
@@ -1277,15 +1314,19 @@ class MonoFormerPipeline(DiffusionPipeline):
         (library components by their library), so no code from the folder runs and `isinstance` checks hold.
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` is untouched: it loads the folder's own
         code where this package is not installed. Components passed as keyword arguments are used as given;
-        `torch_dtype` reaches every torch component; a Hub id is downloaded first (files only, no code runs).
+        `torch_dtype`, `variant` and `use_safetensors` reach every torch component (`low_cpu_mem_usage` the diffusers
+        ones); a Hub id is downloaded first (files only, no code runs; `revision`, `token`, `cache_dir`,
+        `local_files_only` go to the download and mean nothing for a local folder).
         """
         path = str(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
 
-            hub_keys = ("revision", "token", "cache_dir", "local_files_only")
-            path = snapshot_download(path, **{k: kwargs.pop(k) for k in hub_keys if k in kwargs})
+            path = snapshot_download(path, **hub_kwargs)
         torch_dtype = kwargs.pop("torch_dtype", None)
+        weights_kwargs = {k: kwargs.pop(k) for k in ("variant", "use_safetensors") if kwargs.get(k) is not None}
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", None)
         kwargs.pop("trust_remote_code", None)  # nothing from the folder runs here
         with open(os.path.join(path, "model_index.json")) as f:
             index = json.load(f)
@@ -1304,8 +1345,12 @@ class MonoFormerPipeline(DiffusionPipeline):
             module_name = library if library in LOADABLE_CLASSES or not package else f"{package}.{library}"
             component_cls = getattr(importlib.import_module(module_name), class_name)
             load_kwargs = {}
-            if torch_dtype is not None and issubclass(component_cls, torch.nn.Module):
-                load_kwargs["dtype" if issubclass(component_cls, PreTrainedModel) else "torch_dtype"] = torch_dtype
+            if issubclass(component_cls, torch.nn.Module):
+                load_kwargs.update(weights_kwargs)
+                if torch_dtype is not None:
+                    load_kwargs["dtype" if issubclass(component_cls, PreTrainedModel) else "torch_dtype"] = torch_dtype
+                if low_cpu_mem_usage is not None and not issubclass(component_cls, PreTrainedModel):
+                    load_kwargs["low_cpu_mem_usage"] = low_cpu_mem_usage
             components[name] = component_cls.from_pretrained(os.path.join(path, name), **load_kwargs)
         if kwargs:
             raise TypeError(f"Unexpected arguments for `{cls.__name__}.from_pretrained`: {sorted(kwargs)}.")

@@ -8,6 +8,7 @@ Images enter as a `(n, C, h, w)` tensor or a list of `(C, h, w)` tensors; `as_im
 internal form (a list, one tensor per image) at the boundary and `like_latents` gives results back in the caller's form.
 """
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -164,9 +165,10 @@ def as_image_list(latents, config: MonoFormerConfig, name: str = "latents") -> l
 
 def pixel_values_as_latents(config: MonoFormerConfig, pixel_values, latents):
     """`pixel_values` (the processor's output) are the image input of a pixel-space model (`vae_scale_factor=1`),
-    where images and latents are the same thing; a latent model needs them encoded by its VAE first."""
+    where images and latents are the same thing; a latent model needs them encoded by its VAE first. No images (an
+    empty list or a 0-row tensor) is `None`."""
     if pixel_values is None:
-        return latents
+        return latents if latents is None or len(latents) else None
     if latents is not None:
         raise ValueError("Pass the images once: `pixel_values` (pixel-space models) or `latents`, not both.")
     if config.vae_scale_factor != 1:
@@ -175,7 +177,7 @@ def pixel_values_as_latents(config: MonoFormerConfig, pixel_values, latents):
             f"{config.vae_scale_factor}): encode them (`vae.encode(pixel_values).latent_dist.mean * "
             "vae.config.scaling_factor`) and pass `latents=`."
         )
-    return pixel_values
+    return pixel_values if len(pixel_values) else None
 
 
 def like_latents(per_image: list[torch.Tensor], latents) -> torch.Tensor | list[torch.Tensor]:
@@ -264,15 +266,13 @@ def image_position_ids(
     return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
 
 
-def check_sequence_length(text_config: PreTrainedConfig, length: int, what: str = "The sequence") -> None:
-    """Refuse a sequence with images that runs past the LLM's trained positions (`max_position_embeddings`).
+def check_sequence_length(config: MonoFormerConfig, length: int, what: str = "The sequence") -> None:
+    """Refuse a sequence with images that runs past the LLM's trained positions (`config.trained_position_limit`).
 
-    Text alone is never checked here (text in, text out is exactly the base LLM), and an LLM whose RoPE is scaled
-    (linear, dynamic, yarn, ...) decides its own context: only an unscaled RoPE has a hard trained range.
+    Text alone is never checked here (text in, text out is exactly the base LLM).
     """
-    max_positions = getattr(text_config, "max_position_embeddings", None)
-    rope_type = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if max_positions is not None and rope_type == "default" and length > max_positions:
+    max_positions = config.trained_position_limit
+    if max_positions is not None and length > max_positions:
         raise ValueError(
             f"{what} is {length} tokens long, more than the LLM's `max_position_embeddings`={max_positions}: shorten "
             "the text or use smaller images."
@@ -357,6 +357,10 @@ class MonoFormerPreTrainedModel(PreTrainedModel):
                 shards = set(json.load(f).get("weight_map", {}).values())
             if any(not os.path.isfile(os.path.join(save_directory, shard)) for shard in shards):
                 os.remove(path)
+
+    # The parent's signature: diffusers' `DiffusionPipeline.save_pretrained` reads it to decide whether to pass
+    # `variant`, `max_shard_size` and `save_peft_format` (with `*args, **kwargs` it passed none of them).
+    save_pretrained.__signature__ = inspect.signature(PreTrainedModel.save_pretrained)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -579,6 +583,11 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if torch.is_tensor(attention_mask) and attention_mask.ndim not in (2, 4):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, sequence_length) (or be a 4D mask / BlockMask), got "
+                f"shape {tuple(attention_mask.shape)}: for one sequence use `attention_mask[None]`."
+            )
         latents = pixel_values_as_latents(self.config, pixel_values, latents)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -590,7 +599,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         mask, image_patch_mask, timestep_embeds, image_skip_states = attention_mask, None, None, None
         if latents is not None:
             images = as_image_list(latents, self.config)
-            check_sequence_length(self.config.text_config, past_len + seq_len, "The sequence (cache + input)")
+            check_sequence_length(self.config, past_len + seq_len, "The sequence (cache + input)")
             timesteps = self._check_timesteps(timesteps, len(images), inputs_embeds.device)
             timestep_embeds = self.t_embedder(timesteps, inputs_embeds.dtype)  # (n, D)
             image_features, image_skip_states = self._image_features_and_skips(images, timestep_embeds, timesteps)
@@ -634,7 +643,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
 
         return MonoFormerModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache if use_cache else None,
+            cache=outputs.cache,  # the body's (None when `use_cache` resolves to False), as the base LLM returns
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_hidden_states,
@@ -773,6 +782,11 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         shift_labels = loss_kwargs.pop("shift_labels", None)
         image_token_id = self.config.image_token_id
         if shift_labels is None:
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have shape {tuple(hidden_states.shape[:2])} (batch, sequence), like `input_ids`; "
+                    f"got {tuple(labels.shape)}."
+                )
             if image_token_id is not None and input_ids is not None:
                 labels = labels.masked_fill(input_ids == image_token_id, ignore_index)
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, L)
@@ -895,11 +909,34 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
             model_inputs["timesteps"] = timesteps
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and `num_return_sequences` repeat each row `expand_size` times. Images are listed over the
+        flattened batch, not one per row, so each row's images (and their timesteps) are repeated with their row."""
+        image_kwargs = {k: model_kwargs.pop(k) for k in ("latents", "pixel_values", "timesteps")
+                        if model_kwargs.get(k) is not None}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if expand_size > 1 and image_kwargs and input_ids is not None and self.config.image_token_id is not None:
+            placeholders = input_ids == self.config.image_token_id  # (B, L); each image is one run of them
+            run_starts = placeholders & ~nn.functional.pad(placeholders, (1, 0))[:, :-1]
+            per_row = run_starts.sum(1).tolist()
+            firsts = [sum(per_row[:r]) for r in range(len(per_row))]
+            order = [first + k for first, n in zip(firsts, per_row) for _ in range(expand_size) for k in range(n)]
+            for key, value in image_kwargs.items():
+                count = (len(value) if isinstance(value, (list, tuple))
+                         else value.shape[0] if torch.is_tensor(value) and value.ndim > 0 else None)
+                if count == sum(per_row):  # otherwise left as given: the forward names the mismatch
+                    value = [value[i] for i in order] if isinstance(value, (list, tuple)) else value[order]
+                image_kwargs[key] = value
+        model_kwargs.update(image_kwargs)
+        return expanded_ids, model_kwargs
+
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
-        """Refuse, before the first token, a generation that would run past the LLM's `max_position_embeddings`
-        (the forward pass refuses such a sequence, which would lose every token generated up to it)."""
+        """Refuse, before the first token, a generation that would run past the LLM's trained positions
+        (`config.trained_position_limit`: an LLM with a scaled RoPE decides its own context)."""
         super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
-        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        max_positions = self.config.trained_position_limit
         if max_positions is not None and generation_config.max_length > max_positions:
             raise ValueError(
                 f"A {input_ids_length}-token prompt plus `max_new_tokens`={generation_config.max_length - input_ids_length}"
