@@ -230,7 +230,7 @@ def sample_ours(pipe, per_class: int, steps: int, guidance: float, interval=(0.0
     interval_kw = {} if tuple(interval) == (0.0, 1.0) else {"guidance_start": interval[0], "guidance_stop": interval[1]}
     images, labels = [], []
     t0 = time.time()
-    rows_of = lambda args, kwargs: 0 if kwargs.get("latents") is None else kwargs["latents"].shape[0]  # noqa: E731
+    rows_of = lambda args, kwargs: 0 if kwargs.get("latents") is None else len(kwargs["latents"])  # noqa: E731
     with count_forward_calls(pipe.model, rows_of) as rows:
         for c, name in enumerate(CLASS_NAMES):
             for start in range(0, per_class, batch):
