@@ -173,6 +173,23 @@ def resolve_source(path: str, gguf_file: str | None) -> tuple[str, str | None]:
     return str(p), None
 
 
+def resolve_tokenizer_source(path: str) -> tuple[str, str | None]:
+    """`--tokenizer`: a tokenizer folder (tokenizer.json / tokenizer_config.json / tokenizer.model, no config.json
+    needed), or a folder with one GGUF file -> `(folder, gguf_file or None)`."""
+    p = pathlib.Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"`--tokenizer {path}` does not exist.")
+    if any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return str(p), None
+    ggufs = sorted(x.name for x in p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return str(p), ggufs[0]
+    raise FileNotFoundError(
+        f"`--tokenizer {path}` holds no tokenizer.json, tokenizer_config.json or tokenizer.model"
+        + (f", and several GGUF files {ggufs}" if ggufs else "") + ": point it at the LLM's tokenizer folder."
+    )
+
+
 def load_llm(folder: str, gguf_file: str | None, dtype):
     """Load the causal LM (progress bars come from transformers); GGUF is dequantized to float32."""
     from transformers import AutoModelForCausalLM
@@ -206,11 +223,17 @@ def load_tokenizer(path: str, gguf_file: str | None):
 def verify_text_unchanged(llm, model, tokenizer, prompt: str, new_tokens: int) -> dict:
     """Compare logits on `prompt` and the greedy continuation; raise if they differ. Returns what was measured."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError(f"`--verify_prompt` {prompt!r} gives no tokens: give a prompt of at least one token.")
     rows = llm.get_output_embeddings().weight.shape[0]
     ref = llm(input_ids=ids).logits.float()
     got = model(input_ids=ids).logits.float()
     max_diff = (ref - got[..., :rows]).abs().max().item()
     result = {"max_abs_logit_diff": max_diff}
+    # In bf16/fp16 the resized lm_head's matmul may round differently from the LLM's (~1e-3 of the logits), which
+    # can flip a near-tie in a greedy continuation: there the logits are the check and a changed continuation is
+    # reported, not refused. In float32 both must match exactly.
+    low_precision = llm.dtype != torch.float32 or model.dtype != torch.float32
     if new_tokens > 0:
         gen = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id
                if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
@@ -221,11 +244,12 @@ def verify_text_unchanged(llm, model, tokenizer, prompt: str, new_tokens: int) -
             same_tokens=torch.equal(ref_ids, got_ids),
         )
         if not result["same_tokens"]:
-            raise RuntimeError(
-                f"Greedy continuation changed by the conversion: LLM {ref_ids.tolist()} vs MonoFormer "
-                f"{got_ids.tolist()} (max |logit diff| {max_diff:.3g})."
-            )
-    tolerance = 1e-5 if ref.dtype == torch.float32 and got.dtype == torch.float32 else 1e-2
+            message = (f"Greedy continuation changed by the conversion: LLM {ref_ids.tolist()} vs MonoFormer "
+                       f"{got_ids.tolist()} (max |logit diff| {max_diff:.3g})")
+            if not low_precision:
+                raise RuntimeError(message + ".")
+            logger.warning("%s, in %s: a rounding near-tie if the logit check below passes.", message, llm.dtype)
+    tolerance = 1e-2 if low_precision else 1e-5  # the logits were cast to float32 above: the weights' dtype decides
     if max_diff > tolerance * max(1.0, ref.abs().max().item()):
         raise RuntimeError(f"Text logits changed by the conversion: max |diff| = {max_diff:.3g}.")
     return result
@@ -249,7 +273,7 @@ def build_processor(tokenizer, config):
 def convert(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     folder, gguf_file = resolve_source(args.llm, args.gguf_file)
-    tok_folder, tok_gguf = (folder, gguf_file) if args.tokenizer is None else resolve_source(args.tokenizer, None)
+    tok_folder, tok_gguf = (folder, gguf_file) if args.tokenizer is None else resolve_tokenizer_source(args.tokenizer)
     logger.info("Loading the LLM from %s%s", folder, f" (GGUF {gguf_file})" if gguf_file else "")
     llm = load_llm(folder, gguf_file, DTYPES[args.dtype])
     tokenizer = load_tokenizer(tok_folder, tok_gguf)

@@ -66,6 +66,7 @@ from modeling_monoformer.lora_monoformer import DEFAULT_LORA_TARGET_MODULES  # n
 from modeling_monoformer.precision_monoformer import bf16_supported  # noqa: E402
 from modeling_monoformer.training_data_monoformer import (  # noqa: E402
     MonoFormerTrainingDataset,
+    check_no_special_tokens,
     encode_images,
     load_image_caption_records,
     load_text_samples,
@@ -512,6 +513,24 @@ def check_batch_shape(saved: dict | None, current: dict, checkpoint: str) -> Non
         )
 
 
+def check_model_setup(checkpoint: str, current: dict) -> None:
+    """A checkpoint holds the trainable modules of its run: another `--use_ema`, `--lora_rank`,
+    `--lora_target_modules` or image-expert setup cannot load it, and would otherwise read as a damaged checkpoint
+    (and "latest" would fall back, then give up). Refused by name before anything is loaded or moved."""
+    try:
+        with open(os.path.join(checkpoint, "training_state.json")) as f:
+            saved = json.load(f).get("model_setup")
+    except (OSError, ValueError):
+        return  # unreadable: the loader reports the checkpoint as damaged and falls back
+    changed = [f"{k} {current.get(k)!r} (checkpoint: {v!r})" for k, v in (saved or {}).items() if current.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"`--resume_from_checkpoint`: {checkpoint} was trained with another model setup: {', '.join(changed)}. "
+            "Resume with the checkpoint's flags, or start a new run (without `--resume_from_checkpoint`, in another "
+            "`--output_dir`) from its `pipeline/` model."
+        )
+
+
 def optimisation_settings(args) -> dict:
     """The flags that shape optimisation; a checkpoint records them so a resumed run can say what changed."""
     return {name: getattr(args, name) for name in OPTIMISATION_FLAGS}
@@ -590,6 +609,11 @@ def main(argv=None):
     records = load_image_caption_records(
         args.train_data_dir, args.train_data_file, args.caption_column, args.image_column, args.max_train_samples
     )
+    if args.text_data_file and not args.text_ratio:
+        raise ValueError(
+            f"`--text_data_file {args.text_data_file}` is given but `--text_ratio` is 0, so no text would be mixed in: "
+            "set `--text_ratio` (e.g. 0.1) or drop the file."
+        )
     texts = load_text_samples(args.text_data_file, args.text_column) if args.text_data_file else None
 
     # ---- model, processor, scheduler, VAE
@@ -598,6 +622,10 @@ def main(argv=None):
         args.attn_implementation,
     )
     config = model.config
+    image_tokens = [processor.boi_token, processor.eoi_token, processor.image_token]
+    check_no_special_tokens([r["text"] for r in records], image_tokens,
+                            lambda i: f"The caption of {records[i]['image_path']!r}")
+    check_no_special_tokens(texts or [], image_tokens, lambda i: f"Text sample {i + 1} of {args.text_data_file!r}")
     sampler_settings = load_sampler_settings(args.pretrained_model_name_or_path)
     if config.image_experts != "none" and args.lora_rank:
         raise ValueError(
@@ -699,6 +727,10 @@ def main(argv=None):
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     batch_shape = {"train_batch_size": args.train_batch_size, "num_processes": accelerator.num_processes,
                    "gradient_accumulation_steps": args.gradient_accumulation_steps}
+    model_setup = {"use_ema": bool(args.use_ema), "lora_rank": args.lora_rank or None,
+                   "lora_target_modules": args.lora_target_modules if args.lora_rank else None,
+                   "image_experts": config.image_experts,
+                   "image_lora_rank": config.image_lora_rank if config.image_experts == "lora" else None}
     logger.info(
         f"{len(records)} images, {dataset.num_text} text samples, {accelerator.num_processes} process(es), global "
         f"batch {global_batch}, {max_train_steps} steps, {training_method(args, config)}"
@@ -733,6 +765,7 @@ def main(argv=None):
                 raise ValueError(f"`--resume_from_checkpoint` {candidates[0]!r} is not a checkpoint-<step> folder.")
         resumed = None
         for i, path in enumerate(candidates):
+            check_model_setup(path, model_setup)
             if load_checkpoint(path):
                 resumed = path
                 break
@@ -788,7 +821,7 @@ def main(argv=None):
             with open(os.path.join(tmp, "loss_history.json"), "w") as f:
                 json.dump(history, f)
             with open(os.path.join(tmp, "training_state.json"), "w") as f:
-                json.dump({"optimisation": settings, "batch_shape": batch_shape}, f)
+                json.dump({"optimisation": settings, "batch_shape": batch_shape, "model_setup": model_setup}, f)
             replace_folder(tmp, final)  # a crash while saving never damages the previous checkpoints
             if args.checkpoints_total_limit:
                 for _, old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:

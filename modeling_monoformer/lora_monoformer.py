@@ -5,6 +5,8 @@
 imported inside the functions. For LoRA that only image tokens see, use `enable_image_experts(model, "lora")`.
 """
 
+from torch import nn
+
 DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -68,7 +70,16 @@ def add_lora(model, rank: int, alpha: float | None = None, dropout: float = 0.0,
     """
     from peft import get_peft_model
 
-    return get_peft_model(model, build_lora_config(model.config, rank, alpha, dropout, target_modules))
+    config = build_lora_config(model.config, rank, alpha, dropout, target_modules)
+    # PEFT only refuses a list that matches nothing: a typo next to a valid name would silently adapt less. A name
+    # matches as PEFT matches it: a module's full name or its dotted suffix.
+    names = [name for name, _ in model.get_decoder().named_modules()]
+    unknown = sorted(t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names))
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.get_decoder().named_modules()
+                         if isinstance(m, nn.Linear)})
+        raise ValueError(f"`target_modules` {unknown} name no module of the LLM; its linear layers are {linear}.")
+    return get_peft_model(model, config)
 
 
 __all__ = ["DEFAULT_LORA_TARGET_MODULES", "add_lora", "build_lora_config", "image_head_module_names"]

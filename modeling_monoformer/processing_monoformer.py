@@ -77,6 +77,10 @@ class MonoFormerProcessor(ProcessorMixin):
             # Decoder-only generation continues every row from its last column: left padding, whatever the LLM's
             # tokenizer shipped with (SmolLM2's pads right). Training collators pass `padding_side="right"`.
             tokenizer.padding_side = "left"
+            # Batches and guidance branches are padded; many LLMs ship no pad token (Llama, Mistral). Pads are
+            # masked by `attention_mask` and never labels, so EOS serves, as transformers' examples set it.
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     # ---------------------------------------------------------------- configuration

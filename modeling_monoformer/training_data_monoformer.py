@@ -35,13 +35,30 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading image-caption records
 # ----------------------------------------------------------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def check_no_special_tokens(texts: list[str], tokens: list[str], where) -> None:
+    """Refuse training text holding the model's image tokens as plain text (`<image>` would need an image, `<boi>`
+    would start one) before any training step; `where(i)` names sample `i` (its file and row or image)."""
+    for i, text in enumerate(texts):
+        found = [t for t in tokens if t in text]
+        if found:
+            raise ValueError(
+                f"{where(i)}: the text {text[:60]!r} contains {found}, the model's image token(s); remove or reword "
+                "them (they are added by the processor where images go)."
+            )
+
+
 def check_jsonl(path: str, caption_column: str) -> None:
     """Read a JSONL file line by line before `datasets` does, so that a bad line is reported by file and 1-based line
     number (pyarrow names neither) and a caption that is not a string is refused (pyarrow cannot mix the types)."""
+    rows = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            rows += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -54,6 +71,8 @@ def check_jsonl(path: str, caption_column: str) -> None:
                     f"{path}, line {number}: the caption {caption_column!r} is {caption!r} "
                     f"({type(caption).__name__}); write it as a string, e.g. {json.dumps(str(caption))}."
                 )
+    if not rows:
+        raise ValueError(f"{path} is empty: write one JSON object per line, e.g. {{\"text\": \"...\"}}.")
 
 
 def load_image_caption_records(
@@ -119,11 +138,24 @@ def load_image_caption_records(
         records.append({"text": str(caption), "image_path": path})
     if not records:
         raise ValueError(f"{source!r} holds no image-caption pairs.")
+    if train_data_dir is not None and max_samples is None:
+        listed = {os.path.abspath(r["image_path"]) for r in records}
+        unlisted = sorted(
+            os.path.relpath(os.path.join(root, name), train_data_dir)
+            for root, _, names in os.walk(train_data_dir) for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.abspath(os.path.join(root, name)) not in listed
+        )
+        if unlisted:
+            logger.warning(
+                f"{len(unlisted)} image file(s) in {train_data_dir!r} have no row in metadata.jsonl and are not "
+                f"trained on (e.g. {unlisted[:3]}): add a row per image to use them."
+            )
     if uncaptioned:
         logger.warning(
             f"{uncaptioned} of {len(records)} images in {source!r} have an empty, null or missing caption "
             f"({caption_column!r}): they train as unconditional samples, like prompts dropped for classifier-free "
-            "guidance. Fill in the captions if that is not what you want."
+            "guidance (and, when drawn for `--caption_ratio`, to write an empty caption). Fill in the captions if "
+            "that is not what you want."
         )
     return records
 
@@ -135,6 +167,9 @@ def load_text_samples(text_data_file: str, text_column: str = "text") -> list[st
     if not os.path.isfile(text_data_file):
         raise ValueError(f"`--text_data_file` {text_data_file!r} does not exist.")
     is_json = text_data_file.endswith((".json", ".jsonl"))
+    with open(text_data_file, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            raise ValueError(f"`--text_data_file` {text_data_file!r} is empty.")
     dataset = load_dataset("json" if is_json else "text", data_files=text_data_file, split="train")
     column = text_column if is_json else "text"
     if column not in dataset.column_names:
@@ -158,6 +193,13 @@ def image_to_tensor(path: str, image_processor, unit: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode == "F":
+                raise ValueError("a floating-point image (mode F) has no fixed range: save it as 8 or 16 bits")
+            if img.mode.startswith("I"):  # 16-bit PNG/TIFF: Pillow's convert() would clip to 8 bits (white)
+                values = np.asarray(img, dtype=np.float64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise ValueError(f"a {img.mode} image with values outside 0..65535 has no known range")
+                img = Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
             img = img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"Cannot read image {path!r}: {err}. Remove it from the dataset or replace the file.") from err
@@ -271,7 +313,7 @@ class MonoFormerTrainingDataset(torch.utils.data.Dataset):
         text_ratio (`float`, defaults to 0): Fraction of the dataset that is text-only, in `[0, 1)`:
             `round(n_images * r / (1 - r))` text samples are added.
         caption_ratio (`float`, defaults to 0): Fraction of the image samples used the other way round (image ->
-            caption, `task="caption"`), chosen once with `seed`.
+            caption, `task="caption"`), drawn per image and epoch from its sample seed.
         seed (`int`, defaults to 0): Base of the per-sample seeds (`hash(seed, epoch, index)`); the collator draws
             noise, timestep and prompt dropout from it, so results do not depend on batch splits or resumption.
     """
@@ -290,8 +332,7 @@ class MonoFormerTrainingDataset(torch.utils.data.Dataset):
         self.texts = list(texts or [])
         n_images = len(self.captions)
         self.num_text = int(round(n_images * text_ratio / (1.0 - text_ratio))) if text_ratio > 0 else 0
-        rng = random.Random(seed)
-        self.caption_indices = set(rng.sample(range(n_images), int(round(n_images * caption_ratio))))
+        self.caption_ratio = caption_ratio
         self.seed = seed
         self.epoch = 0
 
@@ -313,7 +354,8 @@ class MonoFormerTrainingDataset(torch.utils.data.Dataset):
         if index >= len(self.captions):
             text = self.texts[(index - len(self.captions)) % len(self.texts)]
             return {"text": text, "task": "text", "seed": seed}
-        task = "caption" if index in self.caption_indices else "generate"
+        # Drawn per image and epoch (not once per run): every image trains both ways over a run.
+        task = "caption" if random.Random(seed ^ 0x5DEECE66D).random() < self.caption_ratio else "generate"
         return {"text": self.captions[index], "latents": self.latents[index], "task": task, "seed": seed}
 
 

@@ -206,3 +206,27 @@ def test_smollm2_gguf_conversion_keeps_greedy_continuation(tmp_path):
     assert after == before
     assert tok_src.decode(before).strip().startswith("Paris")
     assert report["same_tokens"] and report["max_abs_logit_diff"] == 0.0
+
+
+def test_bf16_llm_converts_with_the_low_precision_tolerance(tiny_llama, tmp_path):
+    report = convert_llm.main(["--llm", str(tiny_llama), "--out", str(tmp_path / "out"), "--dtype", "bfloat16",
+                               "--latent_channels", "4"])
+    assert report["max_abs_logit_diff"] < 1e-2  # bf16 rounding of the resized lm_head, within the tolerance
+    assert "same_tokens" in report  # reported (a near-tie may flip in bf16), not refused
+
+
+def test_tokenizer_folder_without_config_and_a_tokenizer_without_pad(tiny_llama, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    weights = tmp_path / "weights"
+    LlamaForCausalLM.from_pretrained(tiny_llama).save_pretrained(weights)  # config + weights, no tokenizer
+    out = tmp_path / "out"
+    convert_llm.main(["--llm", str(weights), "--tokenizer", str(tmp_path / "tok"), "--out", str(out),
+                      "--latent_channels", "4"])
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.pad_token == saved.eos_token  # the converted checkpoint pads (training and guided sampling)
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer.json"):
+        convert_llm.main(["--llm", str(weights), "--tokenizer", str(tmp_path / "weights"), "--out", str(out)])
+    with pytest.raises(ValueError, match="`--verify_prompt` '' gives no tokens"):
+        convert_llm.main(["--llm", str(tiny_llama), "--out", str(out), "--verify_prompt", ""])

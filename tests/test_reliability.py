@@ -654,3 +654,102 @@ def test_processor_refuses_per_text_image_lists_that_do_not_match_the_markers(pi
         processor(text=["a<image>", "b<image><image>"], images=[[a, b], [c]])
     ok = processor(text=["a<image>", "b<image><image>"], images=[[a], [b, c]])
     assert ok["pixel_values"].shape[0] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 17. Found by a review of the training and conversion scripts (2026-12-06)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_a_tokenizer_without_a_pad_token_pads_with_eos():
+    """Llama/Mistral tokenizers ship no pad token; batches and guidance branches are padded (pads are masked)."""
+    tok = make_tokenizer()
+    tok.pad_token = None
+    processor = MonoFormerProcessor(MonoFormerImageProcessor(), tok)
+    assert tok.pad_token == tok.eos_token
+    batch = processor(text=["a photo of a bag", "a"], padding=True)
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"].shape[1]
+
+
+def test_caption_samples_are_drawn_per_image_and_epoch():
+    dataset = MonoFormerTrainingDataset([f"c{i}" for i in range(40)], [torch.zeros(1, 2, 2)] * 40, caption_ratio=0.3)
+    per_epoch = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        per_epoch.append({i for i in range(40) if dataset[i]["task"] == "caption"})
+    assert all(5 <= len(s) <= 20 for s in per_epoch)  # ~12 of 40 each epoch
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]  # not the same images every epoch
+    assert {i for i in range(40) if dataset[i]["task"] == "caption"} == per_epoch[2]  # deterministic per epoch
+
+
+def test_16_bit_images_keep_their_grey_levels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from modeling_monoformer.training_data_monoformer import image_to_tensor
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(path)
+    x = image_to_tensor(str(path), MonoFormerImageProcessor(), 2)
+    assert x.shape == (3, 4, 4) and x.abs().max() < 0.01  # mid-grey, not clipped to white
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(ValueError, match=r"Cannot read image .*float\.tiff.*floating-point"):
+        image_to_tensor(str(tmp_path / "float.tiff"), MonoFormerImageProcessor(), 2)
+
+
+def test_data_problems_are_named_before_training(assets, tmp_path, caplog):
+    folder = make_imagefolder(tmp_path / "tagged", n=4)
+    set_captions(folder, "an <image> tag")
+    with pytest.raises(ValueError, match=r"The caption of .*000\.png.*contains \['<image>'\]"):
+        train.main(script_args(assets, tmp_path / "out", steps=1) + ["--train_data_dir", str(folder)])
+    texts = tmp_path / "texts.txt"
+    texts.write_text("plain text\nhere <boi> starts\n")
+    with pytest.raises(ValueError, match=r"Text sample 2 of .*texts\.txt.*contains \['<boi>'\]"):
+        train.main(script_args(assets, tmp_path / "out", "--text_data_file", texts, "--text_ratio", "0.2", steps=1))
+    with pytest.raises(ValueError, match=r"`--text_data_file .*` is given but `--text_ratio` is 0"):
+        train.main(script_args(assets, tmp_path / "out", "--text_data_file", texts, steps=1))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"metadata\.jsonl is empty"):
+        load_image_caption_records(train_data_dir=str(empty))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    from modeling_monoformer.training_data_monoformer import load_text_samples
+
+    with pytest.raises(ValueError, match=r"`--text_data_file` .*empty\.txt' is empty"):
+        load_text_samples(str(tmp_path / "empty.txt"))
+    unlisted = make_imagefolder(tmp_path / "unlisted", n=4)
+    (unlisted / "metadata.jsonl").write_text((unlisted / "metadata.jsonl").read_text().splitlines(True)[0])
+    with caplog.at_level("WARNING"):
+        assert len(load_image_caption_records(train_data_dir=str(unlisted))) == 1
+    assert "3 image file(s)" in caplog.text and "no row in metadata.jsonl" in caplog.text
+
+
+def test_a_lora_target_module_typo_is_refused(pixel_model):
+    from modeling_monoformer import add_lora
+
+    model, _ = pixel_model
+    with pytest.raises(ValueError, match=r"`target_modules` \['foo_proj'\] name no module of the LLM"):
+        add_lora(model, 4, target_modules="q_proj,foo_proj")
+    add_lora(model, 4, target_modules="self_attn.q_proj,v_proj")  # dotted suffixes match as in PEFT
+
+
+def test_resuming_with_another_model_setup_names_the_flag_and_moves_nothing(assets, tmp_path):
+    out = tmp_path / "out"
+    train.main(script_args(assets, out, "--checkpointing_steps", "2", steps=2))
+    with pytest.raises(ValueError, match=r"another model setup: use_ema True \(checkpoint: False\)"):
+        train.main(script_args(assets, out, "--use_ema", "--resume_from_checkpoint", "latest", steps=4))
+    with pytest.raises(ValueError, match=r"another model setup: lora_rank 4 \(checkpoint: None\)"):
+        train.main(script_args(assets, out, "--lora_rank", "4", "--resume_from_checkpoint", "latest", steps=4))
+    assert checkpoint_names(out) == ["checkpoint-2"]  # nothing moved aside as abandoned
+    train.main(script_args(assets, out, "--resume_from_checkpoint", "latest", steps=4))  # the same flags resume
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_an_llm_without_a_llama_style_body_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_tokenizer()
+    n = len(tok)
+    llm = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=n))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel has a GPT2Model body without `embed_tokens` and `layers`"):
+        MonoFormerForConditionalGeneration.from_llm(llm, tokenizer=tok, latent_channels=3)
+    assert len(tok) == n  # the user's tokenizer is untouched by the refusal

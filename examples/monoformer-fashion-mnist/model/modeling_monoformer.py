@@ -997,6 +997,11 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         if not isinstance(llm, PreTrainedModel) or llm.get_output_embeddings() is None:
             raise TypeError(f"`llm` must be a causal LM (`*ForCausalLM`) or its folder, got {type(llm).__name__}.")
         body = llm.base_model
+        if not isinstance(getattr(body, "embed_tokens", None), nn.Embedding) or not hasattr(body, "layers"):
+            raise ValueError(
+                f"{type(llm).__name__} has a {type(body).__name__} body without `embed_tokens` and `layers`: "
+                "MonoFormer wraps Llama-style decoders (Llama, Qwen2, Mistral, SmolLM2, ...)."
+            )
         text_config_dict = llm.config.to_dict()
         text_config_dict.pop("quantization_config", None)  # a GGUF-loaded LLM is dequantized in memory
         text_config = llm.config.__class__.from_dict(text_config_dict)
