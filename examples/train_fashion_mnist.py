@@ -156,12 +156,13 @@ def make_edit_sample(rng: random.Random, images: torch.Tensor, labels: torch.Ten
     """An edit sample from real data: the source `images[index]`, an instruction drawn uniformly from the two
     transforms of `EDITS` and "turn it into <another class>", and its ground-truth target."""
     source, label = images[index], int(labels[index])
-    kind = rng.randrange(len(EDITS) + 1)
+    others = [c for c in range(len(CLASS_NAMES)) if c != label and by_class[c]]  # a small --subset may lack some
+    kind = rng.randrange(len(EDITS) + (1 if others else 0))
     if kind < len(EDITS):
         instruction = list(EDITS)[kind]
         target = EDITS[instruction](source.unsqueeze(0))[0]
     else:
-        new_class = rng.choice([c for c in range(len(CLASS_NAMES)) if c != label])
+        new_class = rng.choice(others)
         instruction = CLASS_EDIT_TEMPLATE.format(CLASS_NAMES[new_class])
         target = images[rng.choice(by_class[new_class])]
     return {"text": instruction, "source": source, "pixel_values": target, "task": "edit"}
@@ -344,11 +345,14 @@ def export_training_data(out_dir: str, data_dir: str = FASHION_MNIST_DIR, austen
 def build_model(args, tokenizer):
     """A Llama from a config (random init), wrapped by `from_llm`; returns `(model, processor, train, sample)`
     where `train` is the collator's scheduler and `sample` the pipeline's."""
+    # Room for the longest sample, an edit: two images (each with <boi>/<eoi> and maybe a timestep token) and its
+    # instruction; 256 for 4x4 or larger patches, more for 2x2 (196 tokens per image).
+    tokens_per_image = (28 // args.patch_size) ** 2 + 3
     llm = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 3,
-            num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-            num_key_value_heads=args.num_heads, max_position_embeddings=256, rope_theta=10000.0,
+            num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
+            max_position_embeddings=max(256, 2 * tokens_per_image + 64), rope_theta=10000.0,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
         )

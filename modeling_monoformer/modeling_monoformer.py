@@ -599,7 +599,9 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         mask, image_patch_mask, timestep_embeds, image_skip_states = attention_mask, None, None, None
         if latents is not None:
             images = as_image_list(latents, self.config)
-            check_sequence_length(self.config, past_len + seq_len, "The sequence (cache + input)")
+            # The positions the sequence reaches: packed rows restart them per sample, so a row may be longer.
+            reach = past_len + seq_len if position_ids is None else int(position_ids.max()) + 1
+            check_sequence_length(self.config, reach, "The sequence (cache + input)")
             timesteps = self._check_timesteps(timesteps, len(images), inputs_embeds.device)
             timestep_embeds = self.t_embedder(timesteps, inputs_embeds.dtype)  # (n, D)
             image_features, image_skip_states = self._image_features_and_skips(images, timestep_embeds, timesteps)

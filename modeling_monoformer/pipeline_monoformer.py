@@ -710,7 +710,7 @@ class MonoFormerPipeline(DiffusionPipeline):
         """
         check_guider(self.guider)  # `pipe.guider = ...` may have replaced it since __init__
         for name, value in (("guidance_start", guidance_start), ("guidance_stop", guidance_stop)):
-            if value is not None and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
+            if value is not None and (not is_number(value) or not 0.0 <= value <= 1.0):
                 raise ValueError(f"`{name}` must be a fraction of the denoising steps in [0, 1], got {value!r}.")
         start = self.guider.config.get("start", 0.0) if guidance_start is None else guidance_start
         stop = self.guider.config.get("stop", 1.0) if guidance_stop is None else guidance_stop

@@ -262,3 +262,31 @@ def test_init_from_continues_a_checkpoint_with_its_tokenizer_and_architecture(tm
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
     with pytest.raises(ValueError, match="train_args.json"):
         recipe.main(tiny + ["--max_steps", "1", "--init_from", str(tmp_path), "--output_dir", str(tmp_path / "x")])
+
+
+def test_edit_samples_of_a_small_subset_only_turn_into_classes_it_has():
+    images = torch.rand(5, 1, 28, 28) * 2 - 1
+    labels = torch.tensor([9, 0, 0, 3, 9])  # the first five training images: three classes
+    by_class = [torch.nonzero(labels == c).squeeze(-1).tolist() for c in range(10)]
+    rng = __import__("random").Random(0)
+    for _ in range(100):
+        s = recipe.make_edit_sample(rng, images, labels, by_class, 1)
+        if s["text"].startswith("turn it into"):
+            assert recipe.CLASS_NAMES.index(s["text"].removeprefix("turn it into ")) in (3, 9)
+    one_class = [list(range(5))] + [[]] * 9
+    for _ in range(20):  # no other class at all: flips and inversions only
+        sample = recipe.make_edit_sample(rng, images, torch.zeros(5, dtype=torch.long), one_class, 1)
+        assert not sample["text"].startswith("turn")
+
+
+def test_recipe_sizes_the_position_range_for_its_longest_sample():
+    from modeling_monoformer.tokenizer_training_monoformer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["a photo of a sneaker flip it horizontally"] * 10, vocab_size=300)
+    args = recipe.parse_args(["--output_dir", "x", "--patch_size", "2", "--hidden_size", "32", "--num_layers", "1",
+                              "--num_heads", "2"])
+    model = recipe.build_model(args, tok)[0]
+    edit_length = 2 * ((28 // 2) ** 2 + 2) + 16  # two 196-token images and an instruction
+    assert model.config.text_config.max_position_embeddings >= edit_length
+    args = recipe.parse_args(["--output_dir", "x", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2"])
+    assert recipe.build_model(args, tok)[0].config.text_config.max_position_embeddings == 256  # the demo's, as saved

@@ -753,3 +753,21 @@ def test_an_llm_without_a_llama_style_body_is_named():
     with pytest.raises(ValueError, match="GPT2LMHeadModel has a GPT2Model body without `embed_tokens` and `layers`"):
         MonoFormerForConditionalGeneration.from_llm(llm, tokenizer=tok, latent_channels=3)
     assert len(tok) == n  # the user's tokenizer is untouched by the refusal
+
+
+def test_packed_rows_longer_than_the_position_range_are_fine_when_positions_restart(pixel_model):
+    from modeling_monoformer.packing_monoformer import pack_batch
+
+    model, _ = pixel_model
+    c = model.config
+    limit = c.text_config.max_position_embeddings
+    row = [5, 6] + _image_block(c, 4, 4)  # one sample; pack enough of them to pass the limit
+    n = limit // len(row) + 2
+    batch = dict(input_ids=torch.tensor([row] * n), attention_mask=torch.ones(n, len(row), dtype=torch.long),
+                 labels=torch.tensor([row] * n), latents=torch.zeros(n, 3, 4, 4), timesteps=torch.full((n,), 500.0))
+    packed = pack_batch(batch, max_length=n * len(row))
+    assert packed["input_ids"].shape[1] > limit
+    with torch.no_grad():
+        model(**packed)  # positions restart per sample: no position past the range
+    with pytest.raises(ValueError, match="more than the LLM's `max_position_embeddings`"):
+        model(input_ids=packed["input_ids"], latents=batch["latents"], timesteps=batch["timesteps"])

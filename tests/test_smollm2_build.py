@@ -164,3 +164,18 @@ def test_shipped_smollm2_weights_build_and_generate_without_the_package(tmp_path
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["shape"] == [1, 1, 28, 28] and result["finite"]
     assert result["text"].startswith(" Paris."), result["text"]
+
+
+def test_build_and_export_never_replace_a_folder_they_did_not_write(trained, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    with pytest.raises(ValueError, match=r"`--out .*mine` exists and is not an earlier output of this script"):
+        build_script.build(str(mine), str(tmp_path / "no_ship_needed_to_refuse"))
+    with pytest.raises(ValueError, match=r"`--ship_dir .*mine` exists and is not an earlier output"):
+        build_script.export(str(trained["root"] / "run_pipeline"), str(mine), "float32")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    ship = tmp_path / "ship"  # its own output is replaced as before
+    for _ in range(2):
+        build_script.export(str(trained["root"] / "run_pipeline"), str(ship), "float32")
+    assert (ship / "pipeline_settings.json").is_file()
