@@ -495,15 +495,13 @@ class MonoFormerPipeline(DiffusionPipeline):
                 x = x.unsqueeze(0) if x.ndim == 3 else x
                 if isinstance(item, np.ndarray):
                     x = x.permute(0, 3, 1, 2)
-                if not (x.is_floating_point() or x.dtype == torch.bool):
-                    x = x.float() / 255  # uint8 pixels, as PIL images convert to arrays and tensors
-                x = x.float()
-                low, high = (x.aminmax() if x.numel() else (torch.tensor(0.0), torch.tensor(0.0)))
-                if low < -1e-3 or high > 1 + 1e-3 or not bool(x.isfinite().all()):
+                integer = not (x.is_floating_point() or x.dtype == torch.bool)
+                x = x.float() / 255 if integer else x.float()  # uint8 pixels, as PIL images convert to arrays
+                if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3 or not bool(x.isfinite().all())):
                     raise ValueError(
-                        f"`{name}` holds float values in [{low.item():.3g}, {high.item():.3g}]; float images must be in "
-                        "[0, 1] (as this pipeline returns them). Pass uint8 pixels as integers (0..255), and images "
-                        "in [-1, 1] as `(x + 1) / 2`."
+                        f"`{name}` holds float values in [{x.min().item():.3g}, {x.max().item():.3g}]; float images "
+                        "must be in [0, 1] (as this pipeline returns them). Pass uint8 pixels as integers (0..255), "
+                        "and images in [-1, 1] as `(x + 1) / 2`."
                     )
                 x = x * 2 - 1
             else:
