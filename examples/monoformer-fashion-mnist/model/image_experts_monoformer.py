@@ -63,6 +63,14 @@ class _RoutingSlot:
     routing: ImageTokenRouting | None = None
 
 
+def _check_routing_covers(module: nn.Module, x: torch.Tensor, routing: ImageTokenRouting) -> None:
+    if x.shape[:-1].numel() != routing.num_tokens:
+        raise ValueError(
+            f"{type(module).__name__} got {x.shape[:-1].numel()} tokens but the image routing covers "
+            f"{routing.num_tokens}: the body must keep the (batch, sequence) layout inside its layers."
+        )
+
+
 def _route(module: nn.Module, x: torch.Tensor, text_forward, image_forward) -> torch.Tensor:
     """Run `text_forward` on the text rows of `x` (..., D) and `image_forward` on the image rows; one pass per token."""
     routing = module._image_routing_slot.routing
@@ -70,11 +78,7 @@ def _route(module: nn.Module, x: torch.Tensor, text_forward, image_forward) -> t
         return text_forward(x)  # the plain module on the whole input: bit-identical to the LLM
     if routing.all_image:
         return image_forward(x)  # e.g. the pipeline's cached denoising block
-    if x.shape[:-1].numel() != routing.num_tokens:
-        raise ValueError(
-            f"{type(module).__name__} got {x.shape[:-1].numel()} tokens but the image routing covers "
-            f"{routing.num_tokens}: the body must keep the (batch, sequence) layout inside its layers."
-        )
+    _check_routing_covers(module, x, routing)
     flat = x.reshape(-1, x.shape[-1])  # (B * L, D)
     text_out = text_forward(flat.index_select(0, routing.text_index))  # (n_text, D_out)
     image_out = image_forward(flat.index_select(0, routing.image_index))  # (n_image, D_out)
@@ -92,13 +96,27 @@ class ImageExpertMixin:
 
 
 class ImageLoraMixin:
-    """`"lora"` mode (Linear only): image rows see `W x + scaling * B(A(x))`, text rows `W x`."""
+    """`"lora"` mode (Linear only): image rows see `W x + scaling * B(A(x))`, text rows `W x`.
 
-    def image_forward(self, x):
-        return super().forward(x) + self.image_lora_B(self.image_lora_A(x)) * self.image_lora_scaling
+    `W` is shared, so it runs once on every row (one GEMM, as in the LLM) and only the low-rank term is routed: it is
+    computed on the image rows alone and added to them. Against splitting `W x` by token type too, that is 3 kernels
+    per projection instead of 6 (no text gather, one GEMM, one scatter); what each row computes is the same.
+    """
+
+    def lora_delta(self, x):
+        return self.image_lora_B(self.image_lora_A(x)) * self.image_lora_scaling
 
     def forward(self, x):
-        return _route(self, x, super().forward, self.image_forward)
+        out = super().forward(x)  # (..., D_out): W x on every row, the plain Linear (bit-identical on text-only input)
+        routing = self._image_routing_slot.routing
+        if routing is None or routing.all_text:
+            return out
+        if routing.all_image:
+            return out + self.lora_delta(x)  # e.g. the pipeline's cached denoising block
+        _check_routing_covers(self, x, routing)
+        delta = self.lora_delta(x.reshape(-1, x.shape[-1]).index_select(0, routing.image_index))  # (n_image, D_out)
+        flat = out.reshape(-1, out.shape[-1]).index_add(0, routing.image_index, delta.to(out.dtype))
+        return flat.reshape(out.shape)
 
 
 class ImageRoutedDecoderLayerMixin:
