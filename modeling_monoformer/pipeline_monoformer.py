@@ -259,8 +259,15 @@ class MonoFormerPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------ properties
     @property
     def guidance_scale(self) -> float:
-        """The scale of the guider running the current (or last) call."""
-        return self._call_guider.guidance_scale
+        """The guidance scale of the current (or last) call. A `callback_on_step_end` may set `pipe._guidance_scale`
+        (the diffusers convention, e.g. to cut guidance after some steps): the next steps guide with it, and a value
+        <= 1 runs them unguided (one evaluation per image)."""
+        return self._guidance_scale
+
+    def default_guider(self) -> BaseGuidance:
+        """The guider a call uses: the `guider` component, or, after `pipe.guider = None`, what a pipeline built
+        without one gets: `ClassifierFreeGuidance(guidance_scale=4.0)` on every step."""
+        return self.guider if self.guider is not None else ClassifierFreeGuidance(guidance_scale=DEFAULT_GUIDANCE_SCALE)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -673,14 +680,21 @@ class MonoFormerPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                if self._guidance_scale != self._call_guider.guidance_scale:  # a callback changed it
+                    self._call_guider.guidance_scale = self._guidance_scale
                 self._call_guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
-                guided = guided_steps[i]
+                # Text guidance cut to <= 1 mid-call: the conditional rows alone (an edit keeps its image guidance).
+                guided = guided_steps[i] and (self._num_branches == 3 or self._guidance_scale > 1)
                 model_input = latents
                 if hasattr(self.scheduler, "scale_model_input"):  # Euler scales by sigma; FlowMatch has none
                     model_input = self.scheduler.scale_model_input(model_input, t)
-                step_context = context if guided or cond_context is None else cond_context
-                branches = self._num_branches if guided else 1
-                model_output = self.apply_guidance(self.predict(step_context, model_input, t, branches), guided)
+                if guided:
+                    output = self.predict(context, model_input, t, self._num_branches)
+                elif cond_context is not None or not guided_steps[i]:  # without `cond_context`, `context` is cond
+                    output = self.predict(cond_context if cond_context is not None else context, model_input, t)
+                else:  # cut mid-call where every step was guided: the conditional rows of the guided context
+                    output = self.predict(context, model_input, t, self._num_branches).chunk(self._num_branches)[-1]
+                model_output = self.apply_guidance(output, guided)
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -704,18 +718,20 @@ class MonoFormerPipeline(DiffusionPipeline):
         `guidance_scale` / `guidance_start` / `guidance_stop` applied; the component itself is left as it is.
 
         A `guidance_scale <= 1` or an empty interval (`guidance_start == guidance_stop`) turns guidance off for the
-        call: every step runs the conditional rows alone.
+        call: every step runs the conditional rows alone. The call always runs a copy, so a callback that changes the
+        scale mid-call (`pipe._guidance_scale`) never changes the component.
         """
-        check_guider(self.guider)  # `pipe.guider = ...` may have replaced it since __init__
+        component = self.default_guider()
+        check_guider(component)  # `pipe.guider = ...` may have replaced it since __init__
         for name, value in (("guidance_start", guidance_start), ("guidance_stop", guidance_stop)):
             if value is not None and (not is_number(value) or not 0.0 <= value <= 1.0):
                 raise ValueError(f"`{name}` must be a fraction of the denoising steps in [0, 1], got {value!r}.")
-        start = self.guider.config.get("start", 0.0) if guidance_start is None else guidance_start
-        stop = self.guider.config.get("stop", 1.0) if guidance_stop is None else guidance_stop
+        start = component.config.get("start", 0.0) if guidance_start is None else guidance_start
+        stop = component.config.get("stop", 1.0) if guidance_stop is None else guidance_stop
         if start > stop:
             raise ValueError(
                 f"`guidance_start` ({start}) must not exceed `guidance_stop` ({stop}) (either may come from the "
-                f"guider's config: start={self.guider.config.get('start')}, stop={self.guider.config.get('stop')})."
+                f"guider's config: start={component.config.get('start')}, stop={component.config.get('stop')})."
             )
         overrides = {}
         if guidance_scale is not None:
@@ -724,17 +740,16 @@ class MonoFormerPipeline(DiffusionPipeline):
         if (guidance_start is not None or guidance_stop is not None) and not empty:
             overrides.update(start=start, stop=stop)
         disable = empty or (guidance_scale is not None and guidance_scale <= 1.0)
-        if not overrides and not disable:
-            return self.guider
-        guider_logger = logging.getLogger(type(self.guider).__module__.rsplit(".", 1)[0] + ".guider_utils")
+        guider_logger = logging.getLogger(type(component).__module__.rsplit(".", 1)[0] + ".guider_utils")
         level = guider_logger.level
         guider_logger.setLevel(logging.ERROR)  # the "experimental" notice was already given for the component
         try:
-            guider = self.guider.new(**overrides)
+            guider = component.new(**overrides)
         finally:
             guider_logger.setLevel(level)
         if disable:
             guider.disable()
+        self._guidance_scale = guider.guidance_scale  # what `pipe.guidance_scale` reads, and a callback may change
         return guider
 
     def guided_steps(self, guider: BaseGuidance, timesteps: torch.Tensor) -> list[bool]:
@@ -766,11 +781,14 @@ class MonoFormerPipeline(DiffusionPipeline):
         if guided:
             variance = variance.chunk(branches)[-1]
         k = getattr(self, "_guidance_channels", channels)
-        predictions = {"pred_cond": cond[:, :k], "pred_uncond": None if uncond is None else uncond[:, :k]}
-        states = guider.prepare_inputs({})  # one state per prediction the guider needs at this step
-        for state in states:
-            state.noise_pred = predictions[getattr(state, guider._identifier_key)]
-        guided_part = guider(states).pred
+        if guided:
+            predictions = {"pred_cond": cond[:, :k], "pred_uncond": uncond[:, :k]}
+            states = guider.prepare_inputs({})  # one state per prediction the guider needs at this step
+            for state in states:
+                state.noise_pred = predictions[getattr(state, guider._identifier_key)]
+            guided_part = guider(states).pred
+        else:  # what every guider returns for one prediction (also where a callback cut the scale to <= 1)
+            guided_part = cond[:, :k]
         if guided and branches == 3:
             guided_part = self.apply_dual_guidance(guided_part, rows[1][:, :k], rows[0][:, :k])
         prediction = torch.cat([guided_part, cond[:, k:]], dim=1)
@@ -1312,9 +1330,11 @@ class MonoFormerPipeline(DiffusionPipeline):
         (library components by their library), so no code from the folder runs and `isinstance` checks hold.
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` is untouched: it loads the folder's own
         code where this package is not installed. Components passed as keyword arguments are used as given;
-        `torch_dtype`, `variant` and `use_safetensors` reach every torch component (`low_cpu_mem_usage` the diffusers
-        ones); a Hub id is downloaded first (files only, no code runs; `revision`, `token`, `cache_dir`,
-        `local_files_only` go to the download and mean nothing for a local folder).
+        `dtype` (or its older name `torch_dtype`; a dict gives each component its own, `"default"` the rest),
+        `device_map` (one device: the components are loaded onto it), `variant` and `use_safetensors` reach every
+        torch component (`low_cpu_mem_usage` the diffusers ones); a Hub id is downloaded first (files only, no code
+        runs; `revision`, `token`, `cache_dir`, `local_files_only` go to the download and mean nothing for a local
+        folder).
         """
         path = str(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
@@ -1322,13 +1342,25 @@ class MonoFormerPipeline(DiffusionPipeline):
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(path, **hub_kwargs)
-        torch_dtype = kwargs.pop("torch_dtype", None)
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("Pass `dtype` or its older name `torch_dtype`, not both.")
+        dtype = torch_dtype if dtype is None else dtype
+        device_map = kwargs.pop("device_map", None)
+        if device_map is not None and (not isinstance(device_map, (str, int, torch.device)) or device_map in (
+            "balanced", "auto"
+        )):
+            raise ValueError(
+                f"`device_map={device_map!r}`: MonoFormer's pipeline runs one model, so it loads onto one device "
+                "(`device_map='cuda'`, `'cpu'`, `0`, ...); to spread a large model, load the model with "
+                "`MonoFormerForConditionalGeneration.from_pretrained(..., device_map='auto')` and pass it as `model=`."
+            )
         weights_kwargs = {k: kwargs.pop(k) for k in ("variant", "use_safetensors") if kwargs.get(k) is not None}
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", None)
         kwargs.pop("trust_remote_code", None)  # nothing from the folder runs here
         with open(os.path.join(path, "model_index.json")) as f:
             index = json.load(f)
-        package = cls.__module__.rpartition(".")[0]
+        package = __name__.rpartition(".")[0]  # this module's package (a subclass may live anywhere)
         components = {}
         for name, entry in index.items():
             if name.startswith("_"):
@@ -1343,13 +1375,23 @@ class MonoFormerPipeline(DiffusionPipeline):
             module_name = library if library in LOADABLE_CLASSES or not package else f"{package}.{library}"
             component_cls = getattr(importlib.import_module(module_name), class_name)
             load_kwargs = {}
+            folder = os.path.join(path, name)
             if issubclass(component_cls, torch.nn.Module):
+                variant = weights_kwargs.get("variant")
+                if variant is not None and not any(f".{variant}." in f for f in os.listdir(folder)):
+                    raise ValueError(
+                        f"You are trying to load the model files of the `variant={variant}`, but no such modeling "
+                        f"files are available in {folder}: drop `variant` or save the pipeline with it."
+                    )
                 load_kwargs.update(weights_kwargs)
-                if torch_dtype is not None:
-                    load_kwargs["dtype" if issubclass(component_cls, PreTrainedModel) else "torch_dtype"] = torch_dtype
+                component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
+                if component_dtype is not None:
+                    load_kwargs["dtype"] = component_dtype
+                if device_map is not None:
+                    load_kwargs["device_map"] = device_map
                 if low_cpu_mem_usage is not None and not issubclass(component_cls, PreTrainedModel):
                     load_kwargs["low_cpu_mem_usage"] = low_cpu_mem_usage
-            components[name] = component_cls.from_pretrained(os.path.join(path, name), **load_kwargs)
+            components[name] = component_cls.from_pretrained(folder, **load_kwargs)
         if kwargs:
             raise TypeError(f"Unexpected arguments for `{cls.__name__}.from_pretrained`: {sorted(kwargs)}.")
         return cls(**components)

@@ -136,6 +136,28 @@ def test_installed_class_loads_a_saved_folder_without_remote_code(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
+def test_from_pretrained_takes_diffusers_loading_arguments(tmp_path):
+    """`dtype` (and its older name `torch_dtype`, or a dict per component), one-device `device_map`, a missing
+    `variant` refused as diffusers refuses it, and a subclass defined outside the package."""
+    make_pipe().save_pretrained(tmp_path)
+    assert MonoFormerPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    assert MonoFormerPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    per_component = MonoFormerPipeline.from_pretrained(tmp_path, dtype={"vae": torch.bfloat16, "default": None})
+    assert (per_component.vae.dtype, per_component.model.dtype) == (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="not both"):
+        MonoFormerPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16, torch_dtype=torch.bfloat16)
+    assert MonoFormerPipeline.from_pretrained(tmp_path, device_map="cpu").model.device.type == "cpu"
+    with pytest.raises(ValueError, match="one device"):
+        MonoFormerPipeline.from_pretrained(tmp_path, device_map="balanced")
+    with pytest.raises(ValueError, match="variant=fp16"):
+        MonoFormerPipeline.from_pretrained(tmp_path, variant="fp16")
+
+    class MyPipeline(MonoFormerPipeline):
+        pass
+
+    assert type(MyPipeline.from_pretrained(tmp_path)) is MyPipeline
+
+
 def test_latent_pipeline_without_vae_is_refused_before_compute_and_at_save(tmp_path):
     pipe = make_pipe()
     pipe.vae = None

@@ -612,6 +612,41 @@ def test_explicit_arguments_override_the_guider_for_one_call_only():
     torch.testing.assert_close(generate(pipe, guidance_start=0.5, guidance_stop=0.5, **kw), off, rtol=1e-4, atol=1e-5)
 
 
+def test_a_callback_changes_the_guidance_scale_mid_call_as_in_diffusers():
+    """diffusers' convention (`SDCFGCutoffCallback`, dynamic CFG): a callback writes `pipe._guidance_scale`; the next
+    steps guide with it, <= 1 runs them unguided, and the saved guider component is never changed."""
+    pipe = make_pipe()
+    kw = dict(prompt=PROMPTS, steps=4, output_type="latent")
+
+    def cut_after_two(p, i, t, callback_kwargs):
+        if i == 1:
+            p._guidance_scale = 0.0
+        return callback_kwargs
+
+    cut = generate(pipe, guidance_scale=3.0, callback_on_step_end=cut_after_two, **kw)
+    assert pipe.guidance_scale == 0.0 and pipe.guider.guidance_scale == 4.0
+    torch.testing.assert_close(cut, generate(pipe, guidance_scale=3.0, guidance_stop=0.5, **kw), rtol=1e-5, atol=1e-5)
+
+    def one_more_each_step(p, i, t, callback_kwargs):
+        p._guidance_scale = p.guidance_scale + 1
+        return callback_kwargs
+
+    rising = generate(pipe, guidance_scale=2.0, callback_on_step_end=one_more_each_step, **kw)
+    assert pipe.guidance_scale == 2.0 + 4 and pipe.guider.guidance_scale == 4.0
+    assert (rising - generate(pipe, guidance_scale=2.0, **kw)).abs().max() > 1e-4
+
+
+def test_guider_set_to_none_guides_with_the_default_of_a_pipeline_built_without_one(tmp_path):
+    pipe = make_pipe()  # built without a guider
+    default = generate(pipe, steps=2, output_type="latent")
+    pipe.guider = None  # an optional component
+    torch.testing.assert_close(generate(pipe, steps=2, output_type="latent"), default, rtol=0, atol=0)
+    pipe.save_pretrained(tmp_path)
+    reloaded = MonoFormerPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(generate(reloaded, steps=2, output_type="latent"), default, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "guider",
     [
