@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
@@ -417,8 +417,8 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         return timesteps.to(device)
 
     def _check_image_inputs(self, input_ids: torch.LongTensor | None, latents, past_len: int) -> None:
-        """Refuse what cannot carry images: no `input_ids` to find placeholders in, no image token id, flash
-        attention (which would silently drop the bidirectional blocks), or placeholders without any latents."""
+        """Refuse what cannot carry images: no image token id, flash attention (which would silently drop the
+        bidirectional blocks), or placeholders without any latents."""
         if latents is None:
             if input_ids is not None and past_len == 0 and self.config.image_token_id is not None:
                 if bool((input_ids == self.config.image_token_id).any()):
@@ -427,8 +427,6 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
                         "image."
                     )
             return
-        if input_ids is None:
-            raise ValueError("`latents` need `input_ids` to find the `<image>` placeholders, not `inputs_embeds`.")
         if self.config.image_token_id is None:
             raise ValueError("`config.image_token_id` is not set: build the model with `from_llm(...)`.")
         attn_impl = self.config.text_config._attn_implementation or ""
@@ -478,26 +476,39 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         """The dtype of the patch embedder's weights (images are cast to it)."""
         return next(self.x_embedder.parameters()).dtype
 
+    @can_return_tuple
     def get_image_features(
         self,
-        latents: torch.Tensor | list[torch.Tensor],
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         timesteps: torch.Tensor | None = None,
+        latents: torch.Tensor | list[torch.Tensor] | None = None,
         timestep_embeds: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
-        """The embeddings that replace each image's `<image>` placeholders, one `(T_i(+1), D)` tensor per image.
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """The embeddings that replace each image's `<image>` placeholders, as transformers' vision-language models
+        return them: `pooler_output` holds one `(T_i(+1), D)` tensor per image, `last_hidden_state` their stack
+        `(n, T(+1), D)` when all images have one size (else None).
 
         Args:
-            latents (`torch.Tensor` `(n, C, h, w)` or list of `(C, h, w)`): The images' (noisy or clean) latents.
+            pixel_values (`torch.Tensor` `(n, C, h, w)` or list of `(C, h, w)`, *optional*): The images, for a
+                pixel-space model (`vae_scale_factor=1`); a latent model takes `latents`.
             timesteps (`torch.Tensor` of shape `(n,)`, *optional*): Each image's timestep; `None` = clean (0).
+            latents (like `pixel_values`, *optional*): The images' (noisy or clean) latents.
             timestep_embeds (`torch.Tensor` of shape `(n, D)`, *optional*): `t_embedder(timesteps)` when the caller
-                already has it (the forward reuses it for the diffusion head).
+                already has it.
         """
+        latents = pixel_values_as_latents(self.config, pixel_values, latents)
+        if latents is None:
+            raise ValueError("`get_image_features` needs images: `pixel_values` (pixel-space models) or `latents`.")
         images = as_image_list(latents, self.config)
-        if timestep_embeds is not None:
-            return self._image_features_and_skips(images, timestep_embeds)[0]
-        timesteps = self._check_timesteps(timesteps, len(images), images[0].device)
-        timestep_embeds = self.t_embedder(timesteps, self.patch_dtype)
-        return self._image_features_and_skips(images, timestep_embeds, timesteps)[0]
+        if timestep_embeds is None:
+            timesteps = self._check_timesteps(timesteps, len(images), images[0].device)
+            timestep_embeds = self.t_embedder(timesteps, self.patch_dtype)
+        features = self._image_features_and_skips(images, timestep_embeds, timesteps)[0]
+        same_size = len({f.shape for f in features}) == 1
+        return BaseModelOutputWithPooling(
+            last_hidden_state=torch.stack(features) if same_size else None, pooler_output=features
+        )
 
     def _image_features_and_skips(
         self, images: list[torch.Tensor], timestep_embeds: torch.Tensor, timesteps: torch.Tensor | None = None
@@ -526,10 +537,25 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
                     per_image_skips[i] = per_image_skips[source]
         return per_image, per_image_skips
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: list[torch.Tensor]) -> torch.BoolTensor:
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor, image_features: list[torch.Tensor]
+    ) -> torch.BoolTensor:
         """`(B, L)` mask of the `<image>` placeholders, checked against the features: as many placeholders as feature
-        rows, and each image's placeholders one contiguous run inside one row, in the order of the images."""
-        placeholder_mask = input_ids == self.config.image_token_id  # (B, L)
+        rows, and each image's placeholders one contiguous run inside one row, in the order of the images. Without
+        `input_ids`, the placeholders are the positions of `inputs_embeds` equal to the `<image>` token's embedding."""
+        if input_ids is None:
+            embed = self.get_input_embeddings()
+            special = [self.config.image_token_id, self.config.boi_token_id, self.config.eoi_token_id]
+            image_row, *others = embed(torch.tensor(special, device=inputs_embeds.device))  # (D,) each
+            if any(torch.equal(image_row, row) for row in others):
+                raise ValueError(
+                    "`inputs_embeds` cannot show where the images go in this model: its `<image>` embedding equals "
+                    "that of `<boi>`/`<eoi>` (an LLM's new rows start as the mean row, and image-expert training keeps "
+                    "them frozen). Pass `input_ids` with the images."
+                )
+            placeholder_mask = (inputs_embeds == image_row).all(-1)  # (B, L)
+        else:
+            placeholder_mask = input_ids == self.config.image_token_id  # (B, L)
         counts = [f.shape[0] for f in image_features]
         positions = placeholder_mask.reshape(-1).nonzero().squeeze(-1)  # (n_placeholders,), row-major
         if positions.numel() != sum(counts):
@@ -541,7 +567,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
         counts_t = torch.tensor(counts, device=positions.device)
         ends = counts_t.cumsum(0) - 1
         starts = ends - counts_t + 1
-        seq_len = input_ids.shape[1]
+        seq_len = placeholder_mask.shape[1]
         same_row = positions[starts] // seq_len == positions[ends] // seq_len
         if not bool(((positions[ends] - positions[starts] == counts_t - 1) & same_row).all()):
             raise ValueError(
@@ -605,7 +631,7 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
             timesteps = self._check_timesteps(timesteps, len(images), inputs_embeds.device)
             timestep_embeds = self.t_embedder(timesteps, inputs_embeds.dtype)  # (n, D)
             image_features, image_skip_states = self._image_features_and_skips(images, timestep_embeds, timesteps)
-            placeholder_mask = self.get_placeholder_mask(input_ids, image_features)  # (B, L)
+            placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)  # (B, L)
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder_mask.unsqueeze(-1), torch.cat(image_features).to(inputs_embeds.dtype)
             )
@@ -626,14 +652,19 @@ class MonoFormerModel(MonoFormerPreTrainedModel):
                     self.language_model.config, inputs_embeds, attention_mask, cache, position_ids, block_ids
                 )
 
+        # Unset flags are not passed: the body's output capturing reads its own config then (an explicit None would
+        # override it); this model's config (`model.config.output_attentions = True`) counts too.
+        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if value is None:
+                value = getattr(self.config, name, False) or None
+            if value is not None:
+                kwargs[name] = value
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )
@@ -900,10 +931,12 @@ class MonoFormerForConditionalGeneration(MonoFormerPreTrainedModel, GenerationMi
         )
 
     def prepare_inputs_for_generation(
-        self, input_ids, cache=None, latents=None, timesteps=None, pixel_values=None, is_first_iteration=False, **kwargs
+        self, input_ids, cache=None, inputs_embeds=None, latents=None, timesteps=None, pixel_values=None,
+        is_first_iteration=False, **kwargs,
     ):
+        # `inputs_embeds` is named here: `generate` looks for it in this signature before it accepts embeddings.
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+            input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         # Images in the prompt go in (clean) with the prefill only; decoding steps see them through the cache.
         if is_first_iteration or cache is None or cache.get_seq_length() == 0:

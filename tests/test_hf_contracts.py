@@ -136,3 +136,63 @@ def test_output_attentions_show_the_hybrid_mask(llama):
     assert attn.shape[-1] == ids.shape[1]
     assert bool((attn[:, first_patch, last_patch] > 0).all())  # bidirectional inside the image
     assert bool((attn[:, 1, first_patch:] == 0).all())  # text before the image never sees it
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# From a run of transformers' own ModelTesterMixin / GenerationTesterMixin against MonoFormer
+# ----------------------------------------------------------------------------------------------------------------------
+def test_config_output_flags_return_attentions_and_hidden_states_as_for_the_llm(llama):
+    model = wrap(llama)
+    model.set_attn_implementation("eager")
+    model.config.output_attentions = model.config.output_hidden_states = True
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    n = model.config.text_config.num_hidden_layers
+    assert len(out.attentions) == n and len(out.hidden_states) == n + 1
+    model.config.output_attentions = model.config.output_hidden_states = False
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert out.attentions is None and out.hidden_states is None
+
+
+def test_generate_from_inputs_embeds_continues_as_from_input_ids(llama):
+    model = wrap(llama)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        from_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])  # generate returns the new tokens only
+
+
+def test_images_go_in_with_inputs_embeds_as_with_input_ids(llama):
+    model = wrap(llama)
+    ids = image_ids(model.config)
+    lat, t = torch.randn(1, 4, 4, 4), torch.tensor([300])
+    with torch.no_grad(), pytest.raises(ValueError, match="input_ids"):  # new rows are all the mean row
+        model(inputs_embeds=model.get_input_embeddings()(ids), latents=lat, timesteps=t)
+    with torch.no_grad():  # trained (or from-scratch) embeddings tell the placeholders apart
+        model.get_input_embeddings().weight[model.config.image_token_id] += 1.0
+        by_ids = model(input_ids=ids, latents=lat, timesteps=t)
+        by_embeds = model(inputs_embeds=model.get_input_embeddings()(ids), latents=lat, timesteps=t)
+        with pytest.raises(ValueError, match="placeholders"):  # no placeholder embedding in the sequence
+            model(inputs_embeds=model.get_input_embeddings()(ids[:, :2]), latents=lat, timesteps=t)
+    torch.testing.assert_close(by_embeds.logits, by_ids.logits, rtol=0, atol=0)
+    torch.testing.assert_close(by_embeds.diffusion_output, by_ids.diffusion_output, rtol=0, atol=0)
+    with torch.no_grad():  # understanding: generate from embeddings with the image in the prompt
+        gen_ids = model.generate(input_ids=ids, latents=lat, max_new_tokens=3, do_sample=False)
+        gen_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), latents=lat, max_new_tokens=3,
+                                    do_sample=False)
+    assert torch.equal(gen_embeds, gen_ids[:, ids.shape[1]:])
+
+
+def test_get_image_features_follows_the_vision_language_api(llama):
+    model = wrap(llama, vae_scale_factor=1)
+    pixels = torch.randn(2, 4, 4, 4)
+    out = model.model.get_image_features(pixel_values=pixels)
+    n = model.config.num_image_tokens(4, 4) - model.config.tokens_per_image_extra
+    assert len(out.pooler_output) == 2 and out.last_hidden_state.shape == (2, n, model.config.text_config.hidden_size)
+    torch.testing.assert_close(out.pooler_output[1], out.last_hidden_state[1])
+    as_tuple = model.model.get_image_features(pixel_values=pixels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
+    mixed = model.model.get_image_features(latents=[pixels[0], torch.randn(4, 8, 4)])
+    assert mixed.last_hidden_state is None and [f.shape[0] for f in mixed.pooler_output] == [n, 2 * n]
