@@ -31,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pathlib
@@ -97,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenizer", default=None,
         help="Folder (or .gguf file) of the tokenizer, when it is not next to the weights. Default: --llm.",
     )
-    io.add_argument("--out", required=True, help="Output folder (created; existing files are overwritten).")
+    io.add_argument("--out", required=True, help="Output folder: new, empty, or an earlier output of this script "
+                    "(whose files are overwritten); any other folder is refused.")
     io.add_argument(
         "--dtype", default="auto", choices=sorted(DTYPES),
         help="Weight dtype of the saved model. 'auto' keeps the LLM's stored dtype (float32 for GGUF).",
@@ -270,8 +272,29 @@ def build_processor(tokenizer, config):
     return processor.configure_for_model(config)
 
 
+def check_out_folder(out: pathlib.Path) -> None:
+    """`--out` must be missing, empty, or an earlier conversion (a MonoFormer model folder, not a pipeline): writing
+    a model into anything else would mix files, e.g. a pipeline folder whose `model_index.json` names another
+    scheduler than the `scheduler/` written here."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    config = out / "config.json"
+    earlier = out.is_dir() and config.is_file() and not (out / "model_index.json").exists()
+    if earlier:
+        try:
+            earlier = json.loads(config.read_text()).get("model_type") == "monoformer"
+        except (OSError, ValueError):
+            earlier = False
+    if not earlier:
+        raise ValueError(
+            f"--out {str(out)!r} exists and is not an earlier output of this script (a MonoFormer model folder): "
+            "give a new or empty folder; nothing in it was changed."
+        )
+
+
 def convert(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
+    check_out_folder(pathlib.Path(args.out))  # before minutes of loading, not after
     folder, gguf_file = resolve_source(args.llm, args.gguf_file)
     tok_folder, tok_gguf = (folder, gguf_file) if args.tokenizer is None else resolve_tokenizer_source(args.tokenizer)
     logger.info("Loading the LLM from %s%s", folder, f" (GGUF {gguf_file})" if gguf_file else "")

@@ -128,9 +128,9 @@ def main(argv=None):
     steps = args.steps or pipe.config.default_num_inference_steps
     saved = pipe.guider.config  # what the call used: the flags given, else the folder's guider
     scale = overrides.get("guidance_scale", saved.guidance_scale)
-    start, stop = overrides.get("guidance_start", saved.start), overrides.get("guidance_stop", saved.stop)
+    g_start, g_stop = overrides.get("guidance_start", saved.start), overrides.get("guidance_stop", saved.stop)
     sampler = (f"{type(pipe.scheduler).__name__}, {steps} steps, "
-               f"{type(pipe.guider).__name__}({scale}, start={start}, stop={stop})")
+               f"{type(pipe.guider).__name__}({scale}, start={g_start}, stop={g_stop})")
     print(f"wrote {args.output}: {len(images)} images, {sampler} ({time.time() - t0:.1f} s)")
 
     # 2. image -> text

@@ -128,14 +128,17 @@ def main():
     new_tokens = generated[0, caption_input["input_ids"].shape[1] :]
     print(f"caption of a real '{NAMES[labels[i]]}':", repr(tokenizer.decode(new_tokens, skip_special_tokens=True)))
 
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="monoformer-quickstart-")
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
-    with torch.no_grad():
-        a = model(**prompt).logits
-        b = reloaded(**prompt).logits
-    print(f"saved to {output_dir}; reloaded with AutoModel(trust_remote_code=True): max |logit diff| {(a - b).abs().max():.1e}")
+    with tempfile.TemporaryDirectory(prefix="monoformer-quickstart-") as scratch:  # removed unless --output_dir
+        output_dir = args.output_dir or scratch
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
+        with torch.no_grad():
+            a = model(**prompt).logits
+            b = reloaded(**prompt).logits
+        where = output_dir if args.output_dir else "a temporary folder"
+        print(f"saved to {where}; reloaded with AutoModel(trust_remote_code=True): max |logit diff| "
+              f"{(a - b).abs().max():.1e}")
 
 
 if __name__ == "__main__":

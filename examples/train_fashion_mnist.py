@@ -393,9 +393,24 @@ def load_init_checkpoint(args) -> tuple:
     for name in MODEL_ARGS:
         if name in saved:
             setattr(args, name, saved[name])
+    # The pieces of training so far travel with the weights: train_args.json lists the earlier pieces' arguments.
+    args.previous_pieces = saved.pop("previous_pieces", []) + [saved]
     root = folder / "pipeline" if (folder / "pipeline" / "model_index.json").is_file() else folder
     pipe = MonoFormerPipeline.from_pretrained(root)
     return pipe.processor.tokenizer, pipe.model.state_dict()
+
+
+def with_earlier_pieces(piece: dict, earlier: dict) -> dict:
+    """This piece's summary after the `--init_from` checkpoint's: totals over all pieces (counts and seconds summed,
+    `first_*` from the first piece, `final_*` and `params` from this one) and `pieces`, each piece's own summary."""
+    pieces = earlier.get("pieces") or [{k: v for k, v in earlier.items() if k != "pieces"}]
+    pieces = pieces + [piece]
+    total = {k: (round(sum(p.get(k, 0) for p in pieces), 1) if k == "train_seconds"
+                 else sum(p.get(k, 0) for p in pieces)) for k in piece
+             if not k.startswith(("first_", "final_")) and k != "params"}
+    firsts = {k: v for k, v in pieces[0].items() if k.startswith("first_")}
+    finals = {k: v for k, v in piece.items() if k.startswith("final_")}
+    return {**total, "params": piece["params"], **finals, **firsts, "pieces": pieces}
 
 
 def class_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:
@@ -513,7 +528,8 @@ def parse_args(argv=None):
                        help="bf16 autocast for forward/backward (weights, optimiser and EMA stay fp32); auto: bf16 "
                             "where the CPU computes it natively (modeling_monoformer.bf16_supported)")
     group = parser.add_argument_group("logging and output")
-    group.add_argument("--output_dir", required=True)
+    group.add_argument("--output_dir", default=None, help="required unless --export_data (a new folder for each piece "
+                       "of training: not the --init_from folder)")
     group.add_argument("--sample_every_minutes", type=float, default=8.0, help="sample grid + loss curve interval")
     group.add_argument("--sample_steps", type=int, default=SAMPLER_DEFAULTS["num_inference_steps"])
     group.add_argument("--guidance_scale", type=float, default=SAMPLER_DEFAULTS["guidance_scale"])
@@ -521,6 +537,11 @@ def parse_args(argv=None):
                        help="flow models: the scheduler saved with the pipeline (DDIM for epsilon / v)")
     group.add_argument("--save_dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    if args.output_dir is None and not args.export_data:
+        parser.error("the following arguments are required: --output_dir")
+    if args.init_from and args.output_dir and os.path.realpath(args.init_from) == os.path.realpath(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} is the --init_from folder: the new piece would overwrite the "
+                     "checkpoint it starts from; give it its own folder (e.g. runs/fmnist-2)")
     if args.minutes is None and args.max_steps is None:
         args.minutes = 20.0
     return args
@@ -664,6 +685,8 @@ def main(argv=None):
         **{f"final_{k}": float(np.nanmean([h[k] for h in history[-window:]])) for k in ("lm_loss", "diffusion_loss")},
         **{f"first_{k}": float(np.nanmean([h[k] for h in history[:window]])) for k in ("lm_loss", "diffusion_loss")},
     }
+    if args.init_from and (pathlib.Path(args.init_from) / "summary.json").is_file():
+        summary = with_earlier_pieces(summary, json.loads((pathlib.Path(args.init_from) / "summary.json").read_text()))
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))

@@ -50,6 +50,15 @@ class MonoFormerImageProcessor(PilBackend):
         kwargs.setdefault("image_std", [0.5] * num_channels)
         super().__init__(num_channels=num_channels, **kwargs)
 
+    def preprocess(self, images, *args, **kwargs):
+        """As transformers' `preprocess`, and a 2-D `(H, W)` array or tensor is one grayscale image (what
+        `np.array(pil_image)` gives for a mode "L" image), given a channel axis instead of being refused."""
+        def with_channel(image):
+            return image[..., None] if getattr(image, "ndim", None) == 2 else image
+
+        images = [with_channel(i) for i in images] if isinstance(images, (list, tuple)) else with_channel(images)
+        return super().preprocess(images, *args, **kwargs)
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         image = super().process_image(image, do_convert_rgb=True, input_data_format=input_data_format, **kwargs)
         if image.shape[0] == 4:  # RGBA arrays: drop alpha

@@ -482,8 +482,9 @@ class MonoFormerPipeline(DiffusionPipeline):
         Accepts a PIL image or a list of them (converted by the processor's image processor), or images in `[0, 1]`
         as this pipeline returns them: a `(C, H, W)` / `(n, C, H, W)` tensor (`output_type="pt"`) or a `(H, W, C)` /
         `(n, H, W, C)` array (`"np"`), or a list of those; integer arrays and tensors (`np.array(pil_image)`,
-        `pil_to_tensor`) are taken as `0..255`. Every image must have the model's channel count and one size that fits
-        the patch grid; errors name `name`.
+        `pil_to_tensor`) are taken as `0..255`; a 2-D `(H, W)` array or tensor is one grayscale image (as
+        `np.array(pil_image)` gives a mode "L" image). Every image must have the model's channel count and one size
+        that fits the patch grid; errors name `name`.
         """
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if not items:
@@ -494,10 +495,12 @@ class MonoFormerPipeline(DiffusionPipeline):
                 x = self.processor.image_processor(item, return_tensors="pt")["pixel_values"]
             elif isinstance(item, (torch.Tensor, np.ndarray)):
                 x = torch.as_tensor(item) if isinstance(item, torch.Tensor) else torch.from_numpy(np.asarray(item))
+                if x.ndim == 2:  # one grayscale image (H, W)
+                    x = x.unsqueeze(0 if isinstance(item, torch.Tensor) else -1)
                 if x.ndim not in (3, 4):
                     raise ValueError(
-                        f"`{name}` must be (C, H, W) / (n, C, H, W) tensors or (H, W, C) / (n, H, W, C) arrays in "
-                        f"[0, 1], got shape {tuple(x.shape)}."
+                        f"`{name}` must be (H, W) grayscale, (C, H, W) / (n, C, H, W) tensors or (H, W, C) / "
+                        f"(n, H, W, C) arrays in [0, 1], got shape {tuple(x.shape)}."
                     )
                 x = x.unsqueeze(0) if x.ndim == 3 else x
                 if isinstance(item, np.ndarray):
@@ -522,9 +525,11 @@ class MonoFormerPipeline(DiffusionPipeline):
         for i, x in enumerate(pixels):
             which = f"`{name}` image {i}" if len(pixels) > 1 else f"`{name}`"
             if x.shape[0] != expected:
+                stack_hint = (" A stack of grayscale images (n, H, W) needs a channel axis: `x[:, None]` (tensors) "
+                              "or `x[..., None]` (arrays), or pass a list of (H, W) images." if expected == 1 else "")
                 raise ValueError(
                     f"{which} has {x.shape[0]} channels but this pipeline's images have {expected}: pass "
-                    f"{'grayscale' if expected == 1 else 'RGB'} images."
+                    f"{'grayscale' if expected == 1 else 'RGB'} images.{stack_hint}"
                 )
             if x.shape[-2] % unit or x.shape[-1] % unit:
                 raise ValueError(

@@ -97,6 +97,15 @@ def test_llama_conversion_keeps_greedy_generation(tiny_llama, tmp_path):
                                "--latent_channels", "4", "--timestep_conditioning", "token"])
     assert report["max_abs_logit_diff"] == 0.0 and report["same_tokens"]
     llm, model, tok = assert_text_unchanged(tiny_llama, out, LlamaForCausalLM)
+    # an earlier conversion may be overwritten; a folder that is not one (here a pipeline) is refused untouched
+    again = ["--llm", str(tiny_llama), "--patch_size", "2", "--latent_channels", "4", "--no_verify"]
+    convert_llm.main(again + ["--out", str(out)])
+    pipeline_folder = tmp_path / "pipeline"
+    pipeline_folder.mkdir()
+    (pipeline_folder / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an earlier output"):
+        convert_llm.main(again + ["--out", str(pipeline_folder)])
+    assert [p.name for p in pipeline_folder.iterdir()] == ["model_index.json"]
 
     cfg = model.config
     assert cfg.timestep_conditioning == "token" and cfg.patch_size == 2 and cfg.latent_channels == 4

@@ -111,3 +111,14 @@ def test_edit_errors_name_the_problem(pipe):
         edit(pipe, source_image(), image_guidance_scale=-1.0)
     with pytest.raises(ValueError, match="different sizes"):
         edit(pipe, [source_image(0), source_image(1, size=8)], prompt=["a", "b"])
+
+
+def test_a_grayscale_pipeline_takes_2d_images_as_numpy_gives_them():
+    pipe = make_pipe(pixel_space=True, num_channels=1, latent_channels=1)
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8))  # mode "L"
+    base = edit(pipe, gray, output_type="latent")
+    torch.testing.assert_close(edit(pipe, np.array(gray), output_type="latent"), base, rtol=0, atol=1e-5)
+    torch.testing.assert_close(edit(pipe, torch.from_numpy(np.array(gray)), output_type="latent"), base,
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"needs a channel axis"):  # a stack (n, H, W) read as (H, W, C)
+        edit(pipe, np.stack([np.array(gray)] * 8))

@@ -262,6 +262,15 @@ def test_init_from_continues_a_checkpoint_with_its_tokenizer_and_architecture(tm
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
     with pytest.raises(ValueError, match="train_args.json"):
         recipe.main(tiny + ["--max_steps", "1", "--init_from", str(tmp_path), "--output_dir", str(tmp_path / "x")])
+    # the pieces travel with the weights: arguments and summaries of every earlier piece, totals over all
+    first_args = json.loads((tmp_path / "first" / "train_args.json").read_text())
+    assert saved["previous_pieces"] == [first_args] and saved["init_from"] == str(tmp_path / "first")
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert [p["steps"] for p in summary["pieces"]] == [2, 1] and summary["steps"] == 3
+    first_summary = json.loads((tmp_path / "first" / "summary.json").read_text())
+    assert summary["first_lm_loss"] == first_summary["first_lm_loss"]
+    with pytest.raises(SystemExit):  # a piece never overwrites the checkpoint it starts from
+        recipe.parse_args(["--init_from", str(tmp_path / "first"), "--output_dir", str(tmp_path / "first")])
 
 
 def test_edit_samples_of_a_small_subset_only_turn_into_classes_it_has():

@@ -146,3 +146,13 @@ def test_trained_bpe_tokenizer_options_and_bad_input():
         train_bpe_tokenizer(["hello"], vocab_size=100)
     with pytest.raises(ValueError, match="`padding_side`"):
         train_bpe_tokenizer(["hello"], padding_side="middle")
+
+
+def test_a_2d_array_or_tensor_is_one_grayscale_image():
+    from PIL import Image
+
+    proc = MonoFormerImageProcessor(num_channels=1)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 12), dtype=np.uint8))  # mode "L"
+    expected = proc(image, return_tensors="pt")["pixel_values"]
+    for given in (np.array(image), [np.array(image)], torch.from_numpy(np.array(image))):
+        torch.testing.assert_close(proc(given, return_tensors="pt")["pixel_values"], expected, rtol=0, atol=0)
