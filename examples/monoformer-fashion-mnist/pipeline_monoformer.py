@@ -691,11 +691,12 @@ class MonoFormerPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if self._guidance_scale != self._call_guider.guidance_scale:  # a callback changed it
-                    self._call_guider.guidance_scale = self._guidance_scale
+                scale = self._guidance_scale
+                if scale is not None and scale != self._call_guider.guidance_scale:  # a callback changed it
+                    self._call_guider.guidance_scale = scale
                 self._call_guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
                 # Text guidance cut to <= 1 mid-call: the conditional rows alone (an edit keeps its image guidance).
-                guided = guided_steps[i] and (self._num_branches == 3 or self._guidance_scale > 1)
+                guided = guided_steps[i] and (self._num_branches == 3 or scale is None or scale > 1)
                 model_input = latents
                 if hasattr(self.scheduler, "scale_model_input"):  # Euler scales by sigma; FlowMatch has none
                     model_input = self.scheduler.scale_model_input(model_input, t)
@@ -760,7 +761,8 @@ class MonoFormerPipeline(DiffusionPipeline):
             guider_logger.setLevel(level)
         if disable:
             guider.disable()
-        self._guidance_scale = guider.guidance_scale  # what `pipe.guidance_scale` reads, and a callback may change
+        # what `pipe.guidance_scale` reads, and a callback may change (None for a guider without a scale)
+        self._guidance_scale = getattr(guider, "guidance_scale", None)
         return guider
 
     def guided_steps(self, guider: BaseGuidance, timesteps: torch.Tensor) -> list[bool]:
