@@ -272,20 +272,16 @@ def build_processor(tokenizer, config):
     return processor.configure_for_model(config)
 
 
+CONVERSION_MARKER = "conversion.json"  # the report of the conversion that wrote the folder
+
+
 def check_out_folder(out: pathlib.Path) -> None:
-    """`--out` must be missing, empty, or an earlier conversion (a MonoFormer model folder, not a pipeline): writing
-    a model into anything else would mix files, e.g. a pipeline folder whose `model_index.json` names another
-    scheduler than the `scheduler/` written here."""
+    """`--out` must be missing, empty, or an earlier output of this script (it holds the `CONVERSION_MARKER` this
+    script writes): writing a model into anything else would mix files (a pipeline folder whose `model_index.json`
+    names another scheduler than the `scheduler/` written here) or replace trained weights."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    config = out / "config.json"
-    earlier = out.is_dir() and config.is_file() and not (out / "model_index.json").exists()
-    if earlier:
-        try:
-            earlier = json.loads(config.read_text()).get("model_type") == "monoformer"
-        except (OSError, ValueError):
-            earlier = False
-    if not earlier:
+    if not (out / CONVERSION_MARKER).is_file():
         raise ValueError(
             f"--out {str(out)!r} exists and is not an earlier output of this script (a MonoFormer model folder): "
             "give a new or empty folder; nothing in it was changed."
@@ -353,6 +349,7 @@ def convert(args: argparse.Namespace) -> dict:
     logger.info("Saved to %s in %.1f s (total %.1f s)", out, end - t_converted, end - start)
     report.update(load_s=t_loaded - start, convert_s=t_converted - t_loaded, save_s=end - t_converted,
                   total_s=end - start, out=str(out), saved_processor=processor is not None)
+    (out / CONVERSION_MARKER).write_text(json.dumps({"llm": str(args.llm), **report}, indent=2, default=str) + "\n")
     return report
 
 

@@ -51,7 +51,7 @@ one PNG per training image and a `metadata.jsonl` whose caption is one of the fo
 class, drawn with the seed) and `DIR/austen_train.txt` (the five training novels, one paragraph per line; *Persuasion*
 stays out), then exits without training:
 
-    python examples/train_fashion_mnist.py --export_data ~/fmnist-export --output_dir ~/fmnist-export
+    python examples/train_fashion_mnist.py --export_data ~/fmnist-export
     python examples/train_text_to_image.py --train_data_dir ~/fmnist-export/images \\
         --text_data_file ~/fmnist-export/austen_train.txt --text_ratio 0.15 --caption_ratio 0.15 ...
 

@@ -106,6 +106,10 @@ def test_llama_conversion_keeps_greedy_generation(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="not an earlier output"):
         convert_llm.main(again + ["--out", str(pipeline_folder)])
     assert [p.name for p in pipeline_folder.iterdir()] == ["model_index.json"]
+    trained = tmp_path / "trained"  # a MonoFormer model folder written by anything else (e.g. training)
+    MonoFormerForConditionalGeneration.from_pretrained(out).save_pretrained(trained)
+    with pytest.raises(ValueError, match="not an earlier output"):
+        convert_llm.main(again + ["--out", str(trained)])
 
     cfg = model.config
     assert cfg.timestep_conditioning == "token" and cfg.patch_size == 2 and cfg.latent_channels == 4

@@ -122,3 +122,16 @@ def test_a_grayscale_pipeline_takes_2d_images_as_numpy_gives_them():
                                rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"needs a channel axis"):  # a stack (n, H, W) read as (H, W, C)
         edit(pipe, np.stack([np.array(gray)] * 8))
+
+
+def test_an_edit_whose_callback_cuts_text_guidance_runs_as_text_guidance_one(pipe):
+    def cut_to(value):
+        def callback(p, i, t, callback_kwargs):
+            if i == 0:
+                p._guidance_scale = value
+            return callback_kwargs
+        return callback
+
+    cut = [edit(pipe, source_image(0), output_type="latent", guidance_scale=4.0, callback_on_step_end=cut_to(v))
+           for v in (0.0, 1.0)]
+    torch.testing.assert_close(cut[0], cut[1], rtol=0, atol=0)  # <= 1 is "no text guidance", as at the call's start

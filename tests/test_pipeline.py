@@ -636,6 +636,16 @@ def test_a_callback_changes_the_guidance_scale_mid_call_as_in_diffusers():
     assert (rising - generate(pipe, guidance_scale=2.0, **kw)).abs().max() > 1e-4
 
 
+def test_changes_made_to_the_guider_object_hold_for_the_call():
+    pipe = make_pipe()
+    kw = dict(prompt=PROMPTS, steps=2, output_type="latent")
+    pipe.guider.guidance_scale = 7.0  # set on the object, not in its config
+    torch.testing.assert_close(generate(pipe, **kw), generate(pipe, guidance_scale=7.0, **kw), rtol=0, atol=0)
+    assert pipe.guidance_scale == 7.0
+    pipe.guider.disable()
+    torch.testing.assert_close(generate(pipe, **kw), generate(pipe, guidance_scale=1.0, **kw), rtol=0, atol=0)
+
+
 def test_guider_set_to_none_guides_with_the_default_of_a_pipeline_built_without_one(tmp_path):
     pipe = make_pipe()  # built without a guider
     default = generate(pipe, steps=2, output_type="latent")

@@ -156,3 +156,11 @@ def test_a_2d_array_or_tensor_is_one_grayscale_image():
     expected = proc(image, return_tensors="pt")["pixel_values"]
     for given in (np.array(image), [np.array(image)], torch.from_numpy(np.array(image))):
         torch.testing.assert_close(proc(given, return_tensors="pt")["pixel_values"], expected, rtol=0, atol=0)
+
+
+def test_the_multimodal_processor_takes_2d_grayscale_arrays():
+    proc = MonoFormerProcessor(MonoFormerImageProcessor(num_channels=1), make_tokenizer())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8))
+    expected = proc(text="<image>", images=[image])["pixel_values"]
+    for given in ([np.array(image)], np.array(image), [torch.from_numpy(np.array(image))]):
+        torch.testing.assert_close(proc(text="<image>", images=given)["pixel_values"], expected, rtol=0, atol=0)

@@ -35,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, ProcessorMixin
 from transformers.generation.streamers import BaseStreamer
 
 from .scheduler_rules_monoformer import check_scheduler_matches  # one rule for training and sampling
+from .image_processing_monoformer import with_channel_axis  # one rule for the processor and the pipeline
 
 logger = get_logger(__name__)
 
@@ -266,8 +267,10 @@ class MonoFormerPipeline(DiffusionPipeline):
     @property
     def guidance_scale(self) -> float:
         """The guidance scale of the current (or last) call. A `callback_on_step_end` may set `pipe._guidance_scale`
-        (the diffusers convention, e.g. to cut guidance after some steps): the next steps guide with it, and a value
-        <= 1 runs them unguided (one evaluation per image)."""
+        (the diffusers convention, e.g. to cut guidance after some steps): the next guided steps use it, and a value
+        <= 1 makes them unguided (the conditional rows' prediction; one evaluation per image where the call built
+        conditional rows of their own, i.e. when its guidance interval leaves some steps unguided). A call that
+        starts unguided builds no unconditional rows, so raising the scale mid-call has no effect there."""
         return self._guidance_scale
 
     def default_guider(self) -> BaseGuidance:
@@ -500,9 +503,8 @@ class MonoFormerPipeline(DiffusionPipeline):
             if isinstance(item, PIL.Image.Image):
                 x = self.processor.image_processor(item, return_tensors="pt")["pixel_values"]
             elif isinstance(item, (torch.Tensor, np.ndarray)):
+                item = with_channel_axis(item)  # (H, W): one grayscale image
                 x = torch.as_tensor(item) if isinstance(item, torch.Tensor) else torch.from_numpy(np.asarray(item))
-                if x.ndim == 2:  # one grayscale image (H, W)
-                    x = x.unsqueeze(0 if isinstance(item, torch.Tensor) else -1)
                 if x.ndim not in (3, 4):
                     raise ValueError(
                         f"`{name}` must be (H, W) grayscale, (C, H, W) / (n, C, H, W) tensors or (H, W, C) / "
@@ -692,6 +694,8 @@ class MonoFormerPipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 scale = self._guidance_scale
+                if scale is not None and self._num_branches == 3:  # an edit: text guidance <= 1 is none (s_T = 1)
+                    scale = max(scale, 1.0)
                 if scale is not None and scale != self._call_guider.guidance_scale:  # a callback changed it
                     self._call_guider.guidance_scale = scale
                 self._call_guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
@@ -726,8 +730,9 @@ class MonoFormerPipeline(DiffusionPipeline):
     def prepare_guider(
         self, guidance_scale: float | None, guidance_start: float | None, guidance_stop: float | None
     ) -> BaseGuidance:
-        """The guider of this call: `self.guider`, or a copy of it (`guider.new`) with the call's explicit
-        `guidance_scale` / `guidance_start` / `guidance_stop` applied; the component itself is left as it is.
+        """The guider of this call: a copy of `self.guider` (`guider.new`, keeping its current scale and enabled state)
+        with the call's explicit `guidance_scale` / `guidance_start` / `guidance_stop` applied; the component itself is
+        left as it is.
 
         A `guidance_scale <= 1` or an empty interval (`guidance_start == guidance_stop`) turns guidance off for the
         call: every step runs the conditional rows alone. The call always runs a copy, so a callback that changes the
@@ -746,12 +751,14 @@ class MonoFormerPipeline(DiffusionPipeline):
                 f"guider's config: start={component.config.get('start')}, stop={component.config.get('stop')})."
             )
         overrides = {}
+        if hasattr(component, "guidance_scale"):  # set on the object after construction: not in its config
+            overrides["guidance_scale"] = component.guidance_scale
         if guidance_scale is not None:
             overrides["guidance_scale"] = guidance_scale
         empty = start == stop
         if (guidance_start is not None or guidance_stop is not None) and not empty:
             overrides.update(start=start, stop=stop)
-        disable = empty or (guidance_scale is not None and guidance_scale <= 1.0)
+        disable = empty or (guidance_scale is not None and guidance_scale <= 1.0) or not component._enabled
         guider_logger = logging.getLogger(type(component).__module__.rsplit(".", 1)[0] + ".guider_utils")
         level = guider_logger.level
         guider_logger.setLevel(logging.ERROR)  # the "experimental" notice was already given for the component

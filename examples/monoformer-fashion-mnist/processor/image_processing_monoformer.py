@@ -9,6 +9,17 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def with_channel_axis(images):
+    """A 2-D `(H, W)` array or tensor is one grayscale image (what `np.array(pil_image)` gives for a mode "L" image):
+    give it its channel axis, last for numpy arrays (`(H, W, 1)`, as PIL converts) and first for tensors (`(1, H, W)`,
+    as torch lays images out). Lists (nested too) are handled element-wise; everything else is returned as is."""
+    if isinstance(images, (list, tuple)):
+        return type(images)(with_channel_axis(i) for i in images)
+    if getattr(images, "ndim", None) != 2:
+        return images
+    return images[..., None] if isinstance(images, np.ndarray) else images[None]
+
+
 class MonoFormerImagesKwargs(ImagesKwargs, total=False):
     num_channels: int
 
@@ -51,13 +62,8 @@ class MonoFormerImageProcessor(PilBackend):
         super().__init__(num_channels=num_channels, **kwargs)
 
     def preprocess(self, images, *args, **kwargs):
-        """As transformers' `preprocess`, and a 2-D `(H, W)` array or tensor is one grayscale image (what
-        `np.array(pil_image)` gives for a mode "L" image), given a channel axis instead of being refused."""
-        def with_channel(image):
-            return image[..., None] if getattr(image, "ndim", None) == 2 else image
-
-        images = [with_channel(i) for i in images] if isinstance(images, (list, tuple)) else with_channel(images)
-        return super().preprocess(images, *args, **kwargs)
+        """As transformers' `preprocess`; a 2-D `(H, W)` array or tensor is one grayscale image (`with_channel_axis`)."""
+        return super().preprocess(with_channel_axis(images), *args, **kwargs)
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         image = super().process_image(image, do_convert_rgb=True, input_data_format=input_data_format, **kwargs)
@@ -87,4 +93,4 @@ class MonoFormerImageProcessor(PilBackend):
 
 MonoFormerImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["MonoFormerImageProcessor"]
+__all__ = ["MonoFormerImageProcessor", "with_channel_axis"]

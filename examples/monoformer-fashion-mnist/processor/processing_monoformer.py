@@ -8,7 +8,7 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.processing_utils import ProcessingKwargs, Unpack
 
-from .image_processing_monoformer import MonoFormerImageProcessor, MonoFormerImagesKwargs
+from .image_processing_monoformer import MonoFormerImageProcessor, MonoFormerImagesKwargs, with_channel_axis
 
 BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN = "<boi>", "<eoi>", "<image>"
 
@@ -162,6 +162,7 @@ class MonoFormerProcessor(ProcessorMixin):
             raise TypeError("`text` must be a string or a list of strings.")
         if images is not None and image_sizes is not None:
             raise ValueError("Pass either `images` (to encode) or `image_sizes` (to generate), not both.")
+        images = with_channel_axis(images)  # a 2-D (H, W) array or tensor is one grayscale image
         wrapped = self.boi_token + self.image_token + self.eoi_token
         texts = [t.replace(wrapped, self.image_token) for t in texts]
         nested = isinstance(images, (list, tuple)) and images and all(isinstance(x, (list, tuple)) for x in images)
