@@ -11,10 +11,11 @@
 Routing is by token type, decided once per forward by the patch-token mask (`ImageTokenRouting`): a `"full"` module
 gathers the rows of each type, runs each set of weights on its own rows only and scatters the results back; a
 `"lora"` projection runs its shared `W` on every row and adds the low-rank term to the image rows only. Either way
-every token costs the LLM's FLOPs (plus, for image tokens, the low-rank product). Attention itself is shared (one sequence, one KV cache, the hybrid mask). Which tokens are
-"image" tokens: exactly the patch tokens (those that form the bidirectional image blocks and feed the diffusion head).
-`<boi>`, `<eoi>`, padding and the `"token"`-mode timestep token take the text path: they are causal tokens, and the
-timestep token's input comes from the trained `t_projector`, so only the patch tokens need different weights.
+every token costs the LLM's FLOPs (plus, for image tokens, the low-rank product). Attention itself is shared (one
+sequence, one KV cache, the hybrid mask). Which tokens are "image" tokens: exactly the patch tokens (those that
+form the bidirectional image blocks and feed the diffusion head). `<boi>`, `<eoi>`, padding and the `"token"`-mode
+timestep token take the text path: they are causal tokens, and the timestep token's input comes from the trained
+`t_projector`, so only the patch tokens need different weights.
 
 Text exactness: a forward without images runs each original module's own `forward` on the whole input, i.e. the very
 same kernels as the plain LLM, so its logits equal the base LLM's bit for bit as long as the text weights are frozen
